@@ -1,0 +1,1 @@
+"""facert: edge inference runtime for Talk2Face-style unified sequence face models."""
