@@ -1,0 +1,183 @@
+"""The `facert` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from facert.runtime.errors import FacertError
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="facert model directory")
+    p.add_argument("--backend", default="torch", help="execution backend (default: torch)")
+
+
+def _load(args: argparse.Namespace):
+    import facert
+
+    return facert.load(args.model, backend=args.backend)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from facert.export.convert import convert
+
+    attributes = None
+    if args.attributes:
+        try:
+            attributes = json.loads(Path(args.attributes).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FacertError(f"cannot read attribute vocabulary {args.attributes}: {e}") from e
+    config = convert(
+        args.lm,
+        args.lm_config,
+        args.vocab,
+        args.vqgan,
+        args.vqgan_config,
+        args.output,
+        image_scaling=args.image_scaling,
+        attributes=attributes,
+        name=args.name,
+    )
+    lm = config.lm
+    print(
+        f"wrote {args.output}: LM {lm.n_layer}x{lm.n_embd} (vocab {lm.vocab_size}), "
+        f"VQGAN {config.vqgan.num_codes_per_image} codes of {config.vqgan.n_embed}, "
+        f"image scaling {config.image_scaling}"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+    from tqdm import tqdm
+
+    m = _load(args)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    total = args.n * m.config.vqgan.num_codes_per_image
+    with tqdm(total=total, unit="tok", desc="generating", disable=args.quiet) as bar:
+        faces = m.generate_faces(
+            args.text,
+            n=args.n,
+            seed=args.seed,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            on_step=bar.update,
+        )
+    for i, face in enumerate(faces):
+        path = out / f"face-{i}.png"
+        Image.fromarray(face).save(path)
+        print(path)
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    m = _load(args)
+    for image in args.images:
+        text = m.caption(image, seed=args.seed, greedy=not args.sample)
+        print(f"{image}\t{text}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    m = _load(args)
+    names = args.attributes or ",".join(m.config.attributes)
+    results = {str(image): m.attributes(image, names, mode=args.mode) for image in args.images}
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for image, answers in results.items():
+        for name, a in answers.items():
+            print(f"{image}\t{name}: {a['value']}\t(p={a['prob']:.3f})")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from facert.runtime.config import load_config, model_hash
+
+    config = load_config(args.model)
+    lm, vq = config.lm, config.vqgan
+    print(f"model        {config.name}  ({args.model})")
+    print(f"sha256       {model_hash(args.model)}")
+    print(
+        f"LM           {lm.n_layer} layers x {lm.n_embd} hidden, {lm.n_head} heads, ffn {lm.n_ffn}"
+    )
+    print(f"vocabulary   {lm.vocab_size} = {lm.text_vocab_size} text + {lm.image_vocab_size} codes")
+    print(f"positions    {lm.max_positions} (generates up to {lm.seq_length})")
+    side = vq.latent_size
+    print(f"VQGAN        ch {vq.ch} x {list(vq.ch_mult)}, {vq.resolution}px -> {side}x{side} codes")
+    print(f"image input  {config.image_scaling} scaling")
+    print(f"prompts      {config.prompts}")
+    for name, values in config.attributes.items():
+        print(f"attribute    {name}: {', '.join(values)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="TencentPretrain + taming checkpoints -> facert model dir")
+    p.add_argument("--lm", type=Path, required=True, help="TencentPretrain talk2face.bin")
+    p.add_argument("--lm-config", type=Path, required=True, help="its TencentPretrain config json")
+    p.add_argument("--vocab", type=Path, required=True, help="BERT uncased vocab.txt")
+    p.add_argument("--vqgan", type=Path, required=True, help="taming last.ckpt")
+    p.add_argument("--vqgan-config", type=Path, required=True, help="its project yaml")
+    p.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
+    p.add_argument(
+        "--image-scaling",
+        choices=["reference", "taming"],
+        default="reference",
+        help="encoder input scaling: reference = 4x-3 as the Talk2Face script, taming = 2x-1",
+    )
+    p.add_argument("--attributes", help="json {name: [values]} for attribute score mode")
+    p.add_argument("--name", default="talk2face")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="draw faces from a description")
+    p.add_argument("text")
+    _model_arg(p)
+    p.add_argument("-n", type=int, default=4, help="number of faces (default 4)")
+    p.add_argument("-o", "--output", default="faces", help="output directory (default ./faces)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=70)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("caption", help="describe faces in words")
+    p.add_argument("images", nargs="+")
+    _model_arg(p)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("analyze", help="answer attribute questions about faces")
+    p.add_argument("images", nargs="+")
+    _model_arg(p)
+    p.add_argument("--attributes", help="comma-separated names (default: all the model knows)")
+    p.add_argument("--mode", choices=["score", "generate"], default="score")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("info", help="describe a model directory")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FacertError as e:
+        print(f"facert: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("facert: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

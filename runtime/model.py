@@ -1,0 +1,172 @@
+"""The public model object: `facert.load(...)` returns a FaceModel."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import create_backend
+from .backends.base import Backend
+from .config import VOCAB_FILE, ModelConfig, load_config
+from .engine import Engine
+from .errors import FacertError
+from .images import ImageLike, model_input, to_uint8
+from .sampler import log_softmax
+from .sequence import GREEDY, SamplingParams
+from .tasks import Templates
+from .tokenizer import WordPieceTokenizer
+
+DEFAULT_SLOTS = 16
+
+
+class ImageTokenizer:
+    """Faces <-> VQGAN codes."""
+
+    def __init__(self, backend: Backend, config: ModelConfig):
+        self.backend, self.config = backend, config
+
+    def encode(self, images: Any) -> np.ndarray:
+        """uint8 [N, H, W, 3] RGB (or paths / PIL images), or float32 [N, 3, H, W] already
+        scaled -> int64 [N, T] codes."""
+        x = model_input(images, self.config.vqgan.resolution, self.config.image_scaling)
+        return self.backend.encode_images(x)
+
+    def decode(self, codes: Any) -> np.ndarray:
+        """int [N, T] codes -> float32 [N, 3, H, W] images in [-1, 1]."""
+        codes = np.asarray(codes)
+        n_codes, n_embed = self.config.vqgan.num_codes_per_image, self.config.vqgan.n_embed
+        if (
+            codes.ndim != 2
+            or codes.shape[1] != n_codes
+            or not np.issubdtype(codes.dtype, np.integer)
+        ):
+            raise FacertError(
+                f"codes must be integers [N, {n_codes}]; got {codes.dtype} {list(codes.shape)}"
+            )
+        if codes.size and (codes.min() < 0 or codes.max() >= n_embed):
+            raise FacertError(f"codes must lie in [0, {n_embed})")
+        return self.backend.decode_images(codes.astype(np.int64))
+
+
+class FaceModel:
+    def __init__(
+        self, model_dir: str | Path, backend: str = "torch", num_slots: int = DEFAULT_SLOTS
+    ):
+        self.model_dir = Path(model_dir)
+        self.config = load_config(self.model_dir)
+        self.tokenizer = WordPieceTokenizer(self.model_dir / VOCAB_FILE)
+        self.backend = create_backend(backend, self.model_dir, self.config)
+        self.image_tokenizer = ImageTokenizer(self.backend, self.config)
+        self.templates = Templates(self.config, self.tokenizer)
+        max_len = min(self.config.lm.seq_length, self.config.lm.max_positions)
+        self.engine = Engine(self.backend, num_slots, max_len)
+
+    def __repr__(self) -> str:
+        return f"FaceModel({str(self.model_dir)!r}, backend={self.backend.name!r})"
+
+    def forward_logits(self, ids: Iterable[int], segs: Iterable[int]) -> np.ndarray:
+        """Full prefix-LM forward, no cache: float32 [L, V]."""
+        ids, segs = np.asarray(list(ids), dtype=np.int64), np.asarray(list(segs), dtype=np.int64)
+        lm = self.config.lm
+        if ids.ndim != 1 or ids.shape != segs.shape or not 0 < len(ids) <= lm.max_positions:
+            raise FacertError(f"ids and segs must be equal-length 1-D, 1..{lm.max_positions} long")
+        if ids.min() < 0 or ids.max() >= lm.vocab_size or segs.min() < 0 or segs.max() > 2:
+            raise FacertError(f"ids must lie in [0, {lm.vocab_size}) and segs in {{0, 1, 2}}")
+        return self.backend.forward_logits(ids, segs)
+
+    def generate_faces(
+        self,
+        text: str,
+        n: int = 1,
+        seed: int | None = None,
+        top_k: int = 70,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        on_step: Callable[[int], None] | None = None,
+    ) -> list[np.ndarray]:
+        """Draw n faces for a description -> n uint8 [H, W, 3]. Face i of a given seed is the
+        same whatever n is."""
+        if n < 1:
+            raise FacertError("n must be at least 1")
+        params = _params(seed, top_k, top_p, temperature)
+        seqs = [self.templates.to_image(text, params, stream=i) for i in range(n)]
+        self.engine.run(seqs, on_step)
+        # One image per decode call: batched convolutions round differently, and face i of a
+        # seed must be bit-identical however many faces were asked for.
+        return [
+            to_uint8(self.image_tokenizer.decode(self.templates.codes_of(s)[None]))[0] for s in seqs
+        ]
+
+    def caption(
+        self,
+        image: ImageLike,
+        seed: int | None = None,
+        greedy: bool = True,
+        top_k: int = 70,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+    ) -> str:
+        """Describe a face in words."""
+        params = GREEDY if greedy else _params(seed, top_k, top_p, temperature)
+        seq = self.templates.to_caption(self.image_tokenizer.encode([image])[0], params)
+        self.engine.run([seq])
+        return self.templates.text_of(seq)
+
+    def attributes(
+        self, image: ImageLike, names: str | Iterable[str], mode: str = "score"
+    ) -> dict[str, dict[str, Any]]:
+        """Answer attribute questions about a face -> {name: {"value", "prob"}}.
+
+        score: rank the model's candidate values (from facert.json) by the probability of each
+        answer, normalised over the candidates; "candidates" holds every value's probability.
+        generate: greedy free text; "prob" is the probability of the generated answer.
+        """
+        names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+        names = [n for n in names if n]
+        if not names:
+            raise FacertError("no attribute names given")
+        if mode not in ("score", "generate"):
+            raise FacertError(f"mode must be 'score' or 'generate', not {mode!r}")
+        known = self.config.attributes
+        if mode == "score" and (unknown := [n for n in names if n not in known]):
+            raise FacertError(
+                f"unknown attribute(s) {', '.join(unknown)}; this model knows "
+                f"{', '.join(known) or 'none'} (mode='generate' asks any question)"
+            )
+        codes = self.image_tokenizer.encode([image])[0]
+        return {
+            n: (self._score(codes, n) if mode == "score" else self._answer(codes, n)) for n in names
+        }
+
+    def _answer(self, codes: np.ndarray, name: str) -> dict[str, Any]:
+        seq = self.templates.to_attribute(codes, name)
+        self.engine.run([seq])
+        return {"value": self.templates.text_of(seq), "prob": float(np.exp(sum(seq.logprobs)))}
+
+    def _score(self, codes: np.ndarray, name: str) -> dict[str, Any]:
+        values = self.config.attributes[name]
+        seqs = [
+            self.templates.to_attribute(codes, name, forced=self.templates.candidate_ids(v))
+            for v in values
+        ]
+        self.engine.run(seqs)
+        probs = np.exp(log_softmax(np.array([sum(s.logprobs) for s in seqs])))
+        best = int(np.argmax(probs))
+        return {
+            "value": values[best],
+            "prob": float(probs[best]),
+            "candidates": {v: float(p) for v, p in zip(values, probs)},
+        }
+
+
+def _params(seed: int | None, top_k: int, top_p: float, temperature: float) -> SamplingParams:
+    if temperature < 0 or top_k < 0 or not 0.0 <= top_p <= 1.0:
+        raise FacertError("need temperature >= 0, top_k >= 0 and 0 <= top_p <= 1")
+    seed = secrets.randbits(63) if seed is None else seed
+    if not 0 <= seed < 2**64:
+        raise FacertError("seed must be a non-negative 64-bit integer")
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

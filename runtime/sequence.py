@@ -1,0 +1,58 @@
+"""Request state: everything about one running sequence, and nothing about how it is run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 0 disable those filters (reference defaults:
+    temperature 1, top_k 70, top_p 0)."""
+
+    temperature: float = 1.0
+    top_k: int = 70
+    top_p: float = 0.0
+    seed: int = 0
+
+
+GREEDY = SamplingParams(temperature=0.0, top_k=0)
+
+
+def philox(seed: int, stream: int = 0) -> np.random.Generator:
+    """The one RNG: Philox keyed by (seed, stream), so sample i of a seed is reproducible
+    whatever the batch it ran in and whichever backend ran it."""
+    return np.random.Generator(np.random.Philox(key=np.array([seed, stream], dtype=np.uint64)))
+
+
+@dataclass
+class Sequence:
+    prompt_ids: np.ndarray  # (T,) int64
+    prompt_segs: np.ndarray  # (T,) int64, 1 = prefix, 2 = generated side
+    window: tuple[int, int]  # vocabulary ids [lo, hi) this sequence may produce
+    max_new_tokens: int
+    params: SamplingParams = GREEDY
+    stop_id: int | None = None  # stop after producing this id (it is kept in `generated`)
+    forced: list[int] | None = None  # teacher-forced continuation (scoring) instead of sampling
+    stream: int = 0
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of each generated id, in its window
+    slot: int = -1
+
+    def __post_init__(self) -> None:
+        self.rng = philox(self.params.seed, self.stream)
+
+    @property
+    def done(self) -> bool:
+        if self.forced is not None:
+            return len(self.generated) >= len(self.forced)
+        if self.generated and self.generated[-1] == self.stop_id:
+            return True
+        return len(self.generated) >= self.max_new_tokens
+
+    @property
+    def last_position(self) -> int:
+        """Position of the newest token, i.e. where the next decode step feeds it."""
+        return len(self.prompt_ids) + len(self.generated) - 1

@@ -1,0 +1,112 @@
+"""The three Talk2Face tasks: their templates, vocabulary windows and how to read results.
+
+This is the only place that knows what "to caption" means. Templates (TencentPretrain's
+generate_talk2face script):
+  to_image       [CLS] to image [SEP] text [SEP]            all segment 1, cut to 64 ids
+  to_caption     [CLS] to caption [SEP] image codes [SEP]   all segment 1
+  to_attributes  [CLS] to attributes [SEP] image codes [SEP] + "name :" in segment 2
+Unlike the reference, generation is restricted to the ids a task can use (image codes or text),
+and text stops at the first [SEP] id rather than at the substring "102".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import FacertError
+from .sequence import GREEDY, SamplingParams, Sequence
+from .tokenizer import WordPieceTokenizer
+
+
+class Templates:
+    def __init__(self, config: ModelConfig, tokenizer: WordPieceTokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        lm = config.lm
+        self.image_window = (lm.text_vocab_size, lm.vocab_size)
+        self.text_window = (0, lm.text_vocab_size)
+        self.prompt_ids = {task: tokenizer.encode(text) for task, text in config.prompts.items()}
+
+    def _head(self, task: str) -> list[int]:
+        c = self.config
+        return [c.cls_id, *self.prompt_ids[task], c.sep_id]
+
+    def _image_part(self, codes: np.ndarray) -> list[int]:
+        return [int(c) + self.config.lm.text_vocab_size for c in codes] + [self.config.sep_id]
+
+    def _room(self, prompt_len: int) -> int:
+        """Tokens left before the reference's total length (seq_length)."""
+        room = min(self.config.lm.seq_length, self.config.lm.max_positions) - prompt_len
+        if room < 1:
+            raise FacertError(f"prompt of {prompt_len} ids leaves no room to generate")
+        return room
+
+    def to_image(self, text: str, params: SamplingParams, stream: int) -> Sequence:
+        if not text or not text.strip():
+            raise FacertError("the text to draw a face from is empty")
+        words = self.tokenizer.encode(text)
+        if not words:
+            raise FacertError(f"the text {text!r} has no tokens")
+        ids = ([*self._head("to_image"), *words, self.config.sep_id])[: self.config.max_text_ids]
+        n_codes = self.config.vqgan.num_codes_per_image
+        if self._room(len(ids)) < n_codes:
+            raise FacertError(f"the model's sequence length cannot hold {n_codes} image codes")
+        return Sequence(
+            prompt_ids=np.array(ids, dtype=np.int64),
+            prompt_segs=np.ones(len(ids), dtype=np.int64),
+            window=self.image_window,
+            max_new_tokens=n_codes,
+            params=params,
+            stream=stream,
+        )
+
+    def codes_of(self, seq: Sequence) -> np.ndarray:
+        return np.array(seq.generated, dtype=np.int64) - self.config.lm.text_vocab_size
+
+    def to_caption(self, codes: np.ndarray, params: SamplingParams, stream: int = 0) -> Sequence:
+        ids = [*self._head("to_caption"), *self._image_part(codes)]
+        return self._text_sequence(ids, np.ones(len(ids), dtype=np.int64), params, stream)
+
+    def to_attribute(
+        self,
+        codes: np.ndarray,
+        name: str,
+        params: SamplingParams = GREEDY,
+        forced: list[int] | None = None,
+    ) -> Sequence:
+        """The attribute template; with `forced`, a teacher-forced continuation to score."""
+        question = self.tokenizer.encode(f"{name}:")
+        if not question:
+            raise FacertError(f"attribute name {name!r} has no tokens")
+        prefix = [*self._head("to_attributes"), *self._image_part(codes)]
+        ids = prefix + question
+        segs = np.array([1] * len(prefix) + [2] * len(question), dtype=np.int64)
+        return self._text_sequence(ids, segs, params, 0, forced)
+
+    def _text_sequence(
+        self, ids: list[int], segs: np.ndarray, params: SamplingParams, stream: int, forced=None
+    ) -> Sequence:
+        room = self._room(len(ids))
+        if forced is not None and len(forced) > room:
+            raise FacertError("candidate answer is longer than the room left in the sequence")
+        return Sequence(
+            prompt_ids=np.array(ids, dtype=np.int64),
+            prompt_segs=segs,
+            window=self.text_window,
+            max_new_tokens=room,
+            params=params,
+            stop_id=self.config.sep_id,
+            forced=forced,
+            stream=stream,
+        )
+
+    def text_of(self, seq: Sequence) -> str:
+        """Generated ids up to (not including) the first [SEP], as words."""
+        ids = seq.generated
+        if self.config.sep_id in ids:
+            ids = ids[: ids.index(self.config.sep_id)]
+        return self.tokenizer.decode(ids)
+
+    def candidate_ids(self, value: str) -> list[int]:
+        """An attribute answer as the model would write it: wordpieces then [SEP]."""
+        return [*self.tokenizer.encode(value), self.config.sep_id]

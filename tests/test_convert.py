@@ -1,0 +1,109 @@
+"""Checkpoint conversion: strict loading, old key names, and no code execution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from facert.export.checkpoint import Placeholder, read_checkpoint
+from facert.export.convert import OLD_TP_NAMES, convert
+from facert.runtime.config import load_config
+from facert.runtime.errors import FacertError
+
+from .conftest import T2F, VOCAB, VQ
+
+
+def _convert(tmp_path, lm=T2F / "talk2face.bin", vq=VQ / "last.ckpt", **kw):
+    return convert(lm, T2F / "config.json", VOCAB, vq, VQ / "vqgan.yaml", tmp_path / "m", **kw)
+
+
+def test_model_directory_layout(tiny_model_dir):
+    names = sorted(p.name for p in tiny_model_dir.iterdir())
+    assert names == ["facert.json", "lm.safetensors", "vocab.txt", "vqgan.safetensors"]
+    cfg = load_config(tiny_model_dir)
+    assert (cfg.lm.n_layer, cfg.lm.n_embd, cfg.lm.n_head, cfg.lm.vocab_size) == (2, 64, 4, 31546)
+    assert cfg.lm.text_vocab_size == 30522 and cfg.vqgan.n_embed == 1024
+    assert cfg.image_scaling == "reference"
+
+
+def test_lightning_checkpoint_classes_stay_inert():
+    ckpt = read_checkpoint(VQ / "last.ckpt")
+    (callback_key,) = ckpt["callbacks"].keys()
+    assert issubclass(callback_key, Placeholder)
+    assert callback_key.qualified_name.startswith("pytorch_lightning")
+
+
+def test_malicious_pickle_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.bin"
+    torch.save({"x": torch.zeros(2), "evil": Evil()}, path)
+    loaded = read_checkpoint(path)
+    assert not marker.exists()
+    assert isinstance(loaded["evil"], Placeholder) and torch.equal(loaded["x"], torch.zeros(2))
+
+
+def test_old_tencentpretrain_names_are_accepted(tmp_path):
+    sd = torch.load(T2F / "talk2face.bin", weights_only=True)
+    renamed = {old: sd[new] for old, new in OLD_TP_NAMES.items()}
+    old = {**{k: v for k, v in sd.items() if k not in OLD_TP_NAMES.values()}, **renamed}
+    torch.save(old, tmp_path / "old.bin")
+    _convert(tmp_path, lm=tmp_path / "old.bin")
+    from safetensors.torch import load_file
+
+    new = load_file(str(tmp_path / "m" / "lm.safetensors"))
+    assert torch.equal(new["wte.weight"], sd["embedding.word.embedding.weight"])
+    assert torch.equal(new["lm_head.weight"], sd["target.lm.output_layer.weight"])
+
+
+def test_strict_loading_lists_what_is_wrong(tmp_path):
+    sd = torch.load(T2F / "talk2face.bin", weights_only=True)
+    del sd["encoder.transformer.1.layer_norm_2.gamma"]
+    sd["encoder.extra.weight"] = torch.zeros(3)
+    sd["embedding.seg.embedding.weight"] = torch.zeros(4, 64)
+    torch.save(sd, tmp_path / "bad.bin")
+    with pytest.raises(FacertError) as e:
+        _convert(tmp_path, lm=tmp_path / "bad.bin")
+    msg = str(e.value)
+    assert "missing (1): encoder.transformer.1.layer_norm_2.gamma" in msg
+    assert "unexpected (1): encoder.extra.weight" in msg
+    assert "embedding.seg.embedding.weight: checkpoint (4, 64), expected (3, 64)" in msg
+
+
+def test_vqgan_missing_key_reported_with_checkpoint_name(tmp_path):
+    ckpt = read_checkpoint(VQ / "last.ckpt")
+    sd = dict(ckpt["state_dict"])
+    del sd["first_stage_model.quantize.embedding.weight"]
+    torch.save({"state_dict": sd}, tmp_path / "bad.ckpt")
+    with pytest.raises(
+        FacertError, match=r"missing \(1\): first_stage_model.quantize.embedding.weight"
+    ):
+        _convert(tmp_path, vq=tmp_path / "bad.ckpt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(FacertError, match="not a readable PyTorch checkpoint"):
+        _convert(tmp_path, lm=tmp_path / "junk.bin")
+    with pytest.raises(FacertError, match="checkpoint not found"):
+        _convert(tmp_path, lm=tmp_path / "absent.bin")
+
+
+def test_attribute_vocabulary_and_scaling_are_recorded(tmp_path):
+    cfg = _convert(tmp_path, image_scaling="taming", attributes={"age": ["young", "old"]})
+    saved = json.loads((tmp_path / "m" / "facert.json").read_text())
+    assert saved["attributes"] == {"age": ["young", "old"]} and saved["image_scaling"] == "taming"
+    assert load_config(tmp_path / "m") == cfg
+
+
+def test_restricted_reader_returns_the_same_tensors():
+    """Sanity: the restricted reader returns the same tensors torch's safe loader does."""
+    ref = torch.load(T2F / "talk2face.bin", weights_only=True)
+    got = read_checkpoint(T2F / "talk2face.bin")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

@@ -1,0 +1,78 @@
+"""KV-cache decoding equals the full-recompute forward at every step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facert.runtime.kv_cache import SlotPool, kv_bytes_per_slot
+from facert.runtime.sequence import SamplingParams
+
+
+def _full_vs_cached(backend, ids, segs, prompt_len, slot, window):
+    full = backend.forward_logits(ids, segs)[:, window[0] : window[1]]  # (L, W)
+    scale = np.abs(full).max()
+    step = backend.prefill(np.array([slot]), [ids[:prompt_len]], [segs[:prompt_len]], window)
+    errors = [np.abs(step[0] - full[prompt_len - 1]).max() / scale]
+    for p in range(prompt_len, len(ids)):
+        step = backend.decode(np.array([slot]), ids[p : p + 1], np.array([p]), window)
+        errors.append(np.abs(step[0] - full[p]).max() / scale)
+    return max(errors)
+
+
+def test_decode_equals_full_recompute_for_many_steps(tiny_model):
+    """A to_image prompt followed by 60 random image codes, decoded one at a time."""
+    rng = np.random.default_rng(0)
+    m = tiny_model
+    seq = m.templates.to_image("a smiling young woman", SamplingParams(seed=1), 0)
+    codes = rng.integers(m.config.lm.text_vocab_size, m.config.lm.vocab_size, 60)
+    ids = np.concatenate([seq.prompt_ids, codes])
+    segs = np.concatenate([seq.prompt_segs, np.full(60, 2)])
+    err = _full_vs_cached(m.backend, ids, segs, len(seq.prompt_ids), 3, m.templates.image_window)
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("i", [0, 4, 5])
+def test_golden_sequences_decode_like_full_forward(tiny_model, lm_golden, i):
+    ids, segs = lm_golden[f"src{i}"], lm_golden[f"seg{i}"]
+    prompt_len = int((segs == 1).sum())
+    err = _full_vs_cached(
+        tiny_model.backend, ids, segs, prompt_len, 0, (0, tiny_model.config.lm.vocab_size)
+    )
+    assert err < 1e-5
+
+
+def test_batched_rows_with_different_lengths(tiny_model, lm_golden):
+    """Two rows of different prompt lengths share every prefill and decode call."""
+    b = tiny_model.backend
+    rows = [0, 4]
+    ids = [lm_golden[f"src{i}"] for i in rows]
+    segs = [lm_golden[f"seg{i}"] for i in rows]
+    plen = [int((s == 1).sum()) for s in segs]
+    full = [b.forward_logits(x, s) for x, s in zip(ids, segs)]
+    slots = np.array([5, 2])
+    V = tiny_model.config.lm.vocab_size
+    out = b.prefill(
+        slots, [x[:p] for x, p in zip(ids, plen)], [s[:p] for s, p in zip(segs, plen)], (0, V)
+    )
+    for r in range(2):
+        np.testing.assert_allclose(out[r], full[r][plen[r] - 1], atol=1e-5 * np.abs(full[r]).max())
+    for t in range(min(len(x) - p for x, p in zip(ids, plen))):
+        pos = np.array([p + t for p in plen])
+        out = b.decode(slots, np.array([ids[r][pos[r]] for r in range(2)]), pos, (0, V))
+        for r in range(2):
+            np.testing.assert_allclose(out[r], full[r][pos[r]], atol=1e-5 * np.abs(full[r]).max())
+
+
+def test_slot_pool_budget_and_reuse(tiny_model):
+    cfg = tiny_model.config.lm
+    per_slot = kv_bytes_per_slot(cfg, 334)
+    assert per_slot == 2 * cfg.n_layer * cfg.n_embd * 334 * 4
+    pool = SlotPool.for_budget(cfg, 334, 3 * per_slot + 1)
+    assert pool.num_slots == 3
+    taken = [pool.acquire() for _ in range(3)]
+    assert sorted(taken) == [0, 1, 2] and pool.num_free == 0
+    pool.release(taken[1])
+    assert pool.acquire() == taken[1]
+    with pytest.raises(ValueError):
+        pool.release(7)
