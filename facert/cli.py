@@ -12,13 +12,39 @@ from facert.runtime.errors import FacertError
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="facert model directory")
-    p.add_argument("--backend", default="torch", help="execution backend (default: torch)")
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "torch"],
+        help="execution backend (default: onnxruntime)",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "fp16", "int8", "int4"],
+        help="ONNX Runtime precision (default: fp32)",
+    )
+    p.add_argument("--engine", type=Path, help="exported ONNX engine directory to use")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument(
+        "--provider",
+        action="append",
+        dest="providers",
+        help="ONNX Runtime execution provider, e.g. CUDAExecutionProvider (repeatable)",
+    )
 
 
 def _load(args: argparse.Namespace):
     import facert
 
-    return facert.load(args.model, backend=args.backend)
+    return facert.load(
+        args.model,
+        backend=args.backend,
+        precision=args.precision,
+        engine_dir=args.engine,
+        providers=args.providers,
+        threads=args.threads,
+    )
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -92,9 +118,43 @@ def cmd_analyze(args: argparse.Namespace) -> None:
             print(f"{image}\t{name}: {a['value']}\t(p={a['prob']:.3f})")
 
 
-def cmd_info(args: argparse.Namespace) -> None:
-    from facert.runtime.config import load_config, model_hash
+def cmd_export(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
 
+    from facert.export.onnx_export import export_engine
+
+    out = args.output or Path(args.model) / "onnx" / args.precision
+    with tqdm(desc=f"exporting ONNX ({args.precision})", file=sys.stderr) as bar:
+        manifest = export_engine(
+            args.model, out, args.precision,
+            progress=lambda step: (bar.set_postfix_str(step), bar.update()),
+        )  # fmt: skip
+    print(f"wrote {out} ({manifest['precision']}, {len(manifest['graphs'])} graphs)")
+
+
+def _engine_info(engine_dir: Path) -> None:
+    from facert.export.onnx_export import read_manifest
+
+    m = read_manifest(engine_dir)
+    size = sum(f.stat().st_size for f in Path(engine_dir).iterdir()) / 2**20
+    print(f"engine       {engine_dir}  ({m['precision']}, opset {m['opset']}, {size:.1f} MiB)")
+    print(f"exported by  onnx {m['onnx_version']}, onnxruntime {m['onnxruntime_version']}")
+    print(f"source model sha256 {m['source_model_sha256']}")
+    print(f"KV cache     {m['kv_cache']}")
+    for graph, ops in m["fused_ops"].items():
+        fused = ", ".join(f"{op} x{n}" for op, n in ops.items()) or "none"
+        print(f"fused ops    {graph:14s} {fused}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from facert.runtime.config import CONFIG_FILE, load_config, model_hash
+
+    if (
+        not (Path(args.model) / CONFIG_FILE).is_file()
+        and (Path(args.model) / "manifest.json").is_file()
+    ):
+        _engine_info(Path(args.model))
+        return
     config = load_config(args.model)
     lm, vq = config.lm, config.vqgan
     print(f"model        {config.name}  ({args.model})")
@@ -160,7 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("info", help="describe a model directory")
+    p = sub.add_parser("export", help="export ONNX graphs (+ manifest) for ONNX Runtime")
+    p.add_argument("model", help="facert model directory")
+    p.add_argument(
+        "-o", "--output", type=Path, help="engine directory (default MODEL/onnx/PRECISION)"
+    )
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="describe a model directory or an exported engine directory")
     p.add_argument("model")
     p.set_defaults(func=cmd_info)
     return parser

@@ -54,12 +54,24 @@ class ImageTokenizer:
 
 class FaceModel:
     def __init__(
-        self, model_dir: str | Path, backend: str = "torch", num_slots: int = DEFAULT_SLOTS
+        self,
+        model_dir: str | Path,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        engine_dir: str | Path | None = None,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        num_slots: int = DEFAULT_SLOTS,
+        progress: bool = True,
     ):
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         self.tokenizer = WordPieceTokenizer(self.model_dir / VOCAB_FILE)
-        self.backend = create_backend(backend, self.model_dir, self.config)
+        self.backend = create_backend(
+            backend, self.model_dir, self.config, precision=precision,
+            engine_dir=Path(engine_dir) if engine_dir else None, providers=providers,
+            threads=threads, progress=progress,
+        )  # fmt: skip
         self.image_tokenizer = ImageTokenizer(self.backend, self.config)
         self.templates = Templates(self.config, self.tokenizer)
         max_len = min(self.config.lm.seq_length, self.config.lm.max_positions)

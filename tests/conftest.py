@@ -50,6 +50,14 @@ def tiny_model(tiny_model_dir):
     return facert.load(tiny_model_dir, backend="torch")
 
 
+@pytest.fixture(scope="session", params=["torch", "onnxruntime"])
+def any_model(request, tiny_model_dir):
+    """The public API must behave the same on every backend."""
+    import facert
+
+    return facert.load(tiny_model_dir, backend=request.param, progress=False)
+
+
 @pytest.fixture(scope="session")
 def lm_golden():
     return np.load(T2F / "golden.npz")

@@ -17,23 +17,23 @@ TEXT = (
 )
 
 
-def test_tokenizer_contract(tiny_model):
-    assert tiny_model.tokenizer.encode("gender:") == [5907, 1024]
+def test_tokenizer_contract(any_model):
+    assert any_model.tokenizer.encode("gender:") == [5907, 1024]
 
 
-def test_generate_faces_shapes_and_seed_reproducibility(tiny_model):
-    a = tiny_model.generate_faces(TEXT, n=2, seed=7)
-    b = tiny_model.generate_faces(TEXT, n=1, seed=7)
-    c = tiny_model.generate_faces(TEXT, n=1, seed=8)
+def test_generate_faces_shapes_and_seed_reproducibility(any_model):
+    a = any_model.generate_faces(TEXT, n=2, seed=7)
+    b = any_model.generate_faces(TEXT, n=1, seed=7)
+    c = any_model.generate_faces(TEXT, n=1, seed=8)
     assert len(a) == 2 and all(f.shape == (256, 256, 3) and f.dtype == np.uint8 for f in a)
     assert np.array_equal(a[0], b[0])  # face i of a seed does not depend on n
     assert not np.array_equal(a[0], a[1]) and not np.array_equal(b[0], c[0])
 
 
-def test_to_image_samples_only_image_codes_and_respects_top_k(tiny_model):
+def test_to_image_samples_only_image_codes_and_respects_top_k(any_model):
     from facert.runtime.sequence import SamplingParams
 
-    m = tiny_model
+    m = any_model
     seq = m.templates.to_image(TEXT, SamplingParams(top_k=1, seed=0), 0)
     m.engine.run([seq])
     lm = m.config.lm
@@ -46,16 +46,16 @@ def test_to_image_samples_only_image_codes_and_respects_top_k(tiny_model):
     np.testing.assert_array_equal(np.argmax(full, axis=1) + lm.text_vocab_size, seq.generated)
 
 
-def test_to_image_prompt_is_cut_to_64_ids(tiny_model):
+def test_to_image_prompt_is_cut_to_64_ids(any_model):
     from facert.runtime.sequence import SamplingParams
 
-    seq = tiny_model.templates.to_image("word " * 100, SamplingParams(), 0)
+    seq = any_model.templates.to_image("word " * 100, SamplingParams(), 0)
     assert len(seq.prompt_ids) == 64 and seq.prompt_ids[0] == 101
     assert list(seq.prompt_ids[1:4]) == [2000, 3746, 102]  # "to image [SEP]"
 
 
-def test_caption_is_greedy_text_until_sep(tiny_model, vq_golden):
-    m = tiny_model
+def test_caption_is_greedy_text_until_sep(any_model, vq_golden):
+    m = any_model
     image = to_uint8(vq_golden["images"][:1] / 2)[0]  # any RGB picture
     text = m.caption(image)
     assert text == m.caption(image)  # greedy is deterministic
@@ -70,25 +70,25 @@ def test_caption_is_greedy_text_until_sep(tiny_model, vq_golden):
     assert len(sampled) > 1
 
 
-def test_caption_prompt_matches_reference_template(tiny_model, lm_golden):
+def test_caption_prompt_matches_reference_template(any_model, lm_golden):
     """The golden to_caption sequence (index 4) starts with our template for its image codes."""
     src = lm_golden["src4"]
     codes = src[5:261] - 30522
-    seq = tiny_model.templates.to_caption(codes, GREEDY)
+    seq = any_model.templates.to_caption(codes, GREEDY)
     np.testing.assert_array_equal(seq.prompt_ids, src[:262])
 
 
-def test_attribute_prompt_matches_reference_template(tiny_model, lm_golden):
+def test_attribute_prompt_matches_reference_template(any_model, lm_golden):
     src, seg = lm_golden["src5"], lm_golden["seg5"]
     codes = src[4:260] - 30522
-    seq = tiny_model.templates.to_attribute(codes, "gender")
+    seq = any_model.templates.to_attribute(codes, "gender")
     n = len(seq.prompt_ids)
     np.testing.assert_array_equal(seq.prompt_ids, src[:n])
     np.testing.assert_array_equal(seq.prompt_segs, seg[:n])
 
 
-def test_attribute_score_mode_probabilities(tiny_model, vq_golden):
-    m = tiny_model
+def test_attribute_score_mode_probabilities(any_model, vq_golden):
+    m = any_model
     image = to_uint8(vq_golden["images"][1:2] / 2)[0]
     result = m.attributes(image, "gender")
     g = result["gender"]
@@ -114,19 +114,19 @@ def test_attribute_score_mode_probabilities(tiny_model, vq_golden):
         assert abs(g["candidates"][v] - expected[v]) < 1e-6
 
 
-def test_attribute_generate_mode_any_name(tiny_model, vq_golden):
+def test_attribute_generate_mode_any_name(any_model, vq_golden):
     image = to_uint8(vq_golden["images"][:1] / 2)[0]
-    out = tiny_model.attributes(image, ["age"], mode="generate")
+    out = any_model.attributes(image, ["age"], mode="generate")
     assert isinstance(out["age"]["value"], str) and 0 <= out["age"]["prob"] <= 1
 
 
-def test_images_accepted_as_path_pil_and_array(tiny_model, tmp_path):
+def test_images_accepted_as_path_pil_and_array(any_model, tmp_path):
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "face.png")
     rgba = Image.fromarray(np.dstack([arr, np.full(arr.shape[:2], 9, np.uint8)]), "RGBA")
     codes = [
-        tiny_model.image_tokenizer.encode(x)
+        any_model.image_tokenizer.encode(x)
         for x in ([tmp_path / "face.png"], Image.fromarray(arr), arr[None], [rgba])
     ]
     for c in codes[1:]:
@@ -142,8 +142,8 @@ def test_reference_scaling_is_double_2x_minus_1():
     np.testing.assert_allclose(x, 2 * px[0, 0].astype(float) / 255 - 1, atol=1e-6)
 
 
-def test_decode_codes_roundtrip_range(tiny_model):
-    imgs = tiny_model.image_tokenizer.decode(np.zeros((2, 256), dtype=np.int64))
+def test_decode_codes_roundtrip_range(any_model):
+    imgs = any_model.image_tokenizer.decode(np.zeros((2, 256), dtype=np.int64))
     assert imgs.shape == (2, 3, 256, 256) and imgs.min() >= -1 and imgs.max() <= 1
 
 
@@ -165,15 +165,15 @@ def test_decode_codes_roundtrip_range(tiny_model):
         (lambda m: m.forward_logits([99999], [1]), "ids must lie"),
     ],
 )
-def test_bad_input_raises_one_clear_error(tiny_model, call, message):
+def test_bad_input_raises_one_clear_error(any_model, call, message):
     with pytest.raises(FacertError, match=message):
-        call(tiny_model)
+        call(any_model)
 
 
-def test_unreadable_image_file(tiny_model, tmp_path):
+def test_unreadable_image_file(any_model, tmp_path):
     (tmp_path / "x.png").write_text("not an image")
     with pytest.raises(FacertError, match="cannot read image"):
-        tiny_model.caption(tmp_path / "x.png")
+        any_model.caption(tmp_path / "x.png")
 
 
 def test_load_errors(tmp_path, tiny_model_dir):

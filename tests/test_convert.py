@@ -19,10 +19,11 @@ def _convert(tmp_path, lm=T2F / "talk2face.bin", vq=VQ / "last.ckpt", **kw):
     return convert(lm, T2F / "config.json", VOCAB, vq, VQ / "vqgan.yaml", tmp_path / "m", **kw)
 
 
-def test_model_directory_layout(tiny_model_dir):
-    names = sorted(p.name for p in tiny_model_dir.iterdir())
+def test_model_directory_layout(tmp_path):
+    _convert(tmp_path)
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert names == ["facert.json", "lm.safetensors", "vocab.txt", "vqgan.safetensors"]
-    cfg = load_config(tiny_model_dir)
+    cfg = load_config(tmp_path / "m")
     assert (cfg.lm.n_layer, cfg.lm.n_embd, cfg.lm.n_head, cfg.lm.vocab_size) == (2, 64, 4, 31546)
     assert cfg.lm.text_vocab_size == 30522 and cfg.vqgan.n_embed == 1024
     assert cfg.image_scaling == "reference"

@@ -20,10 +20,10 @@ def _full_vs_cached(backend, ids, segs, prompt_len, slot, window):
     return max(errors)
 
 
-def test_decode_equals_full_recompute_for_many_steps(tiny_model):
+def test_decode_equals_full_recompute_for_many_steps(any_model):
     """A to_image prompt followed by 60 random image codes, decoded one at a time."""
     rng = np.random.default_rng(0)
-    m = tiny_model
+    m = any_model
     seq = m.templates.to_image("a smiling young woman", SamplingParams(seed=1), 0)
     codes = rng.integers(m.config.lm.text_vocab_size, m.config.lm.vocab_size, 60)
     ids = np.concatenate([seq.prompt_ids, codes])
@@ -33,25 +33,25 @@ def test_decode_equals_full_recompute_for_many_steps(tiny_model):
 
 
 @pytest.mark.parametrize("i", [0, 4, 5])
-def test_golden_sequences_decode_like_full_forward(tiny_model, lm_golden, i):
+def test_golden_sequences_decode_like_full_forward(any_model, lm_golden, i):
     ids, segs = lm_golden[f"src{i}"], lm_golden[f"seg{i}"]
     prompt_len = int((segs == 1).sum())
     err = _full_vs_cached(
-        tiny_model.backend, ids, segs, prompt_len, 0, (0, tiny_model.config.lm.vocab_size)
+        any_model.backend, ids, segs, prompt_len, 0, (0, any_model.config.lm.vocab_size)
     )
     assert err < 1e-5
 
 
-def test_batched_rows_with_different_lengths(tiny_model, lm_golden):
+def test_batched_rows_with_different_lengths(any_model, lm_golden):
     """Two rows of different prompt lengths share every prefill and decode call."""
-    b = tiny_model.backend
+    b = any_model.backend
     rows = [0, 4]
     ids = [lm_golden[f"src{i}"] for i in rows]
     segs = [lm_golden[f"seg{i}"] for i in rows]
     plen = [int((s == 1).sum()) for s in segs]
     full = [b.forward_logits(x, s) for x, s in zip(ids, segs)]
     slots = np.array([5, 2])
-    V = tiny_model.config.lm.vocab_size
+    V = any_model.config.lm.vocab_size
     out = b.prefill(
         slots, [x[:p] for x, p in zip(ids, plen)], [s[:p] for s, p in zip(segs, plen)], (0, V)
     )

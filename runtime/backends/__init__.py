@@ -9,11 +9,27 @@ from ..config import ModelConfig
 from ..errors import FacertError
 from .base import Backend
 
-BACKENDS = ("torch",)
+BACKENDS = ("onnxruntime", "torch")
 
 
-def create_backend(name: str, model_dir: Path, config: ModelConfig) -> Backend:
-    """Instantiate a backend by name; heavy imports (torch, onnxruntime) happen only here."""
+def create_backend(
+    name: str,
+    model_dir: Path,
+    config: ModelConfig,
+    precision: str = "fp32",
+    engine_dir: Path | None = None,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Backend:
+    """Instantiate a backend by name; heavy imports (torch, onnxruntime) happen only here.
+    `precision`, `engine_dir`, `providers` and `threads` are ONNX Runtime settings."""
+    if name == "onnxruntime":
+        from ..onnx_engines import resolve_engine
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        engine = resolve_engine(model_dir, precision, engine_dir, progress)
+        return OnnxRuntimeBackend(engine, config, providers=providers, threads=threads)
     if name == "torch":
         try:
             from .torch_backend import TorchBackend

@@ -1,0 +1,226 @@
+"""`facert export`: a model directory -> ONNX graphs at one precision + manifest.json.
+
+Precisions:
+  fp32  the graphs as built (onnx_graphs.py)
+  fp16  every float tensor in half precision, KV cache included (for GPU execution providers)
+  int8  LM MatMul weights dynamically quantized (int8 weights, int8 activations per call)
+  int4  LM MatMul weights as 4-bit blocks (MatMulNBits, block 32, symmetric)
+For int8 and int4 the VQGAN stays fp32: it runs once per image and its convolutions lose the
+most from quantization.
+
+All graphs of one engine directory share a single weights file (`weights.bin`): a tensor used
+by several graphs (the prefill and decode graphs hold the same layers) is stored once.
+Needs onnx and onnxruntime, not torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnxruntime
+from safetensors.numpy import load_file
+
+from facert.runtime.config import LM_FILE, VQGAN_FILE, load_config, model_hash
+from facert.runtime.errors import FacertError
+
+from .onnx_graphs import OPSET, all_graphs
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+ENGINE_FORMAT = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.bin"
+EXTERNAL_MIN_BYTES = 1024
+LM_GRAPHS = ("lm_prefill", "lm_decode", "head_text", "head_image")
+FUSED_OPS = (
+    "MultiHeadAttention", "GroupQueryAttention", "SkipLayerNormalization", "LayerNormalization",
+    "FastGelu", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_quantizer_logs():
+    """onnxruntime.quantization logs advice and per-node progress; keep the CLI readable."""
+    loggers = [
+        logging.getLogger(),
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer"),
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer_logs():
+        out = Path(tmp) / "q.onnx"
+        quantize_dynamic(
+            model, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+            per_channel=True,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+        )  # fmt: skip
+        return onnx.load(out)
+
+
+def _quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=32, is_symmetric=True, accuracy_level=4
+    )
+    with _quiet_quantizer_logs():
+        quantizer.process()
+    return quantizer.model.model
+
+
+def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # ArgMin over code distances keeps fp32: near-ties decide which code an image gets.
+    return convert_float_to_float16(model, keep_io_types=False, op_block_list=["ArgMin"])
+
+
+def _transform(name: str, precision: str) -> Callable[[onnx.ModelProto], onnx.ModelProto] | None:
+    if precision == "fp16":
+        return _to_fp16
+    if precision in ("int8", "int4") and name in LM_GRAPHS:
+        return _quantize_int8 if precision == "int8" else _quantize_int4
+    return None
+
+
+def save_sharing_weights(models: dict[str, onnx.ModelProto], out_dir: Path) -> None:
+    """Write each graph as NAME.onnx with its initializers (all but the smallest) in one shared
+    file, each distinct tensor (by content) stored once."""
+    offsets: dict[bytes, tuple[int, int]] = {}
+    with open(out_dir / WEIGHTS, "wb") as f:
+        for model in models.values():
+            for t in model.graph.initializer:
+                raw = onnx.numpy_helper.to_array(t).tobytes()
+                if len(raw) < EXTERNAL_MIN_BYTES:
+                    continue  # shapes and scalars stay inline: shape inference reads them
+                key = hashlib.sha256(raw).digest()
+                if key not in offsets:
+                    f.write(b"\0" * (-f.tell() % 64))  # 64-byte aligned, as ORT prefers
+                    offsets[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                offset, length = offsets[key]
+                t.ClearField("raw_data")
+                for field in (
+                    "float_data",
+                    "int32_data",
+                    "int64_data",
+                    "double_data",
+                    "uint64_data",
+                ):
+                    t.ClearField(field)
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (
+                    ("location", WEIGHTS),
+                    ("offset", str(offset)),
+                    ("length", str(length)),
+                ):
+                    t.external_data.add(key=k, value=v)
+    for name, model in models.items():
+        onnx.save_model(model, out_dir / f"{name}.onnx")
+
+
+def _io(values) -> list[dict]:
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    def dtype(v):
+        return onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+
+    return [{"name": v.name, "dtype": dtype(v), "shape": dims(v)} for v in values]
+
+
+def export_engine(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Build all graphs of a model directory at one precision; returns the manifest."""
+    if precision not in PRECISIONS:
+        raise FacertError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = load_config(model_dir)
+    lm, vqgan = load_file(str(model_dir / LM_FILE)), load_file(str(model_dir / VQGAN_FILE))
+    graphs = all_graphs(lm, vqgan, config)
+    for name in list(graphs):
+        if (transform := _transform(name, precision)) is not None:
+            if progress:
+                progress(f"{precision} {name}")
+            graphs[name] = transform(graphs[name])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # an interrupted export must not look complete
+    manifest = {
+        "format": ENGINE_FORMAT,
+        "precision": precision,
+        "opset": OPSET,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
+        "source_model_sha256": model_hash(model_dir),
+        "weights": WEIGHTS,
+        "kv_cache": "per layer, keys and values (batch, heads, capacity, head_dim); lm_decode's "
+        "GroupQueryAttention writes the new position in place when present_* is bound to past_*",
+        "fused_ops": {n: _fused_counts(m) for n, m in graphs.items()},
+        "graphs": {
+            n: {"file": f"{n}.onnx", "inputs": _io(m.graph.input), "outputs": _io(m.graph.output)}
+            for n, m in graphs.items()
+        },
+    }
+    if progress:
+        progress("writing")
+    save_sharing_weights(graphs, out_dir)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _fused_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts = Counter(n.op_type for n in model.graph.node)
+    return {op: counts[op] for op in FUSED_OPS if counts[op]}
+
+
+def read_manifest(engine_dir: str | Path) -> dict:
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        raise FacertError(f"{engine_dir} is not an exported engine directory (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def staleness(engine_dir: str | Path, model_dir: str | Path, precision: str) -> str | None:
+    """Why an engine directory cannot serve this model at this precision, or None if it can."""
+    try:
+        manifest = read_manifest(engine_dir)
+    except (FacertError, json.JSONDecodeError) as e:
+        return str(e)
+    if manifest.get("format") != ENGINE_FORMAT:
+        return f"it was written by another facert export format ({manifest.get('format')})"
+    if manifest.get("precision") != precision:
+        return f"it holds {manifest.get('precision')} graphs, not {precision}"
+    if manifest.get("source_model_sha256") != model_hash(model_dir):
+        return "the model directory changed since it was exported"
+    missing = [
+        g["file"]
+        for g in manifest["graphs"].values()
+        if not (Path(engine_dir) / g["file"]).is_file()
+    ]
+    if missing or not (Path(engine_dir) / WEIGHTS).is_file():
+        return f"files are missing: {', '.join(missing) or WEIGHTS}"
+    return None
+

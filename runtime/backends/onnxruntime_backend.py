@@ -1,0 +1,159 @@
+"""ONNX Runtime backend: the embedded default. torch-free.
+
+The KV cache is one numpy array per keys/values, (layers, slots, heads, capacity, head_dim),
+allocated once. A decode step binds each layer's rows in place (IO binding, no copies) and
+GroupQueryAttention writes the new position straight into them. That needs the step's rows to be
+slots 0..B-1 in order; any other slot set is gathered into a temporary prefix (only the
+positions in use) and the new position scattered back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..config import ModelConfig
+from ..errors import FacertError
+
+GRAPHS = ("lm_prefill", "lm_decode", "head_text", "head_image", "vqgan_encoder", "vqgan_decoder")
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3  # errors only
+    return so
+
+
+def check_providers(providers: list[str]) -> None:
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise FacertError(
+            f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
+            f"build (available: {', '.join(available)})"
+        )
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        engine_dir: Path,
+        config: ModelConfig,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ):
+        self.config, self.engine_dir = config, Path(engine_dir)
+        self.providers = providers or ["CPUExecutionProvider"]
+        check_providers(self.providers)
+        so = session_options(threads)
+        try:
+            self.sessions = {
+                g: ort.InferenceSession(
+                    str(self.engine_dir / f"{g}.onnx"), so, providers=self.providers
+                )
+                for g in GRAPHS
+            }
+        except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
+            raise FacertError(f"cannot load the ONNX graphs in {self.engine_dir}: {e}") from e
+        self.float_dtype = self._dtype("lm_decode", "past_key_0")
+        self.k_cache = self.v_cache = None
+
+    def _dtype(self, graph: str, name: str) -> np.dtype:
+        s = self.sessions[graph]
+        t = next(v.type for v in (*s.get_inputs(), *s.get_outputs()) if v.name == name)
+        return np.dtype(np.float16) if "float16" in t else np.dtype(np.float32)
+
+    def allocate(self, num_slots: int, max_len: int) -> None:
+        c = self.config.lm
+        shape = (c.n_layer, num_slots, c.n_head, max_len, c.head_dim)  # (L, S, H, M, D)
+        self.k_cache = np.zeros(shape, self.float_dtype)
+        self.v_cache = np.zeros(shape, self.float_dtype)
+
+    def _heads(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+        """(N, C) hidden -> (N, hi-lo) float32 logits, running only the heads the window needs."""
+        text = self.config.lm.text_vocab_size
+        hidden = np.ascontiguousarray(hidden, dtype=self.float_dtype)
+        parts = []
+        for head, (lo, hi) in (
+            ("head_text", (0, text)),
+            ("head_image", (text, self.config.lm.vocab_size)),
+        ):
+            if window[0] < hi and window[1] > lo:
+                logits = self.sessions[head].run(None, {"hidden": hidden})[0]
+                parts.append(logits[:, max(window[0], lo) - lo : min(window[1], hi) - lo])
+        return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+
+    def _prefill_run(self, ids: np.ndarray, segs: np.ndarray) -> list[np.ndarray]:
+        return self.sessions["lm_prefill"].run(None, {"input_ids": ids, "segment_ids": segs})
+
+    def forward_logits(self, ids: np.ndarray, segs: np.ndarray) -> np.ndarray:
+        hidden = self._prefill_run(ids[None].astype(np.int64), segs[None].astype(np.int64))[0]
+        return self._heads(hidden[0], (0, self.config.lm.vocab_size))
+
+    def prefill(
+        self,
+        slots: np.ndarray,
+        ids: list[np.ndarray],
+        segs: list[np.ndarray],
+        window: tuple[int, int],
+    ) -> np.ndarray:
+        lengths = np.array([len(x) for x in ids])
+        T = int(lengths.max())
+        batch_ids = np.zeros((len(ids), T), dtype=np.int64)  # right-padded with segment 0
+        batch_segs = np.zeros((len(ids), T), dtype=np.int64)
+        for r, (i, s) in enumerate(zip(ids, segs)):
+            batch_ids[r, : len(i)], batch_segs[r, : len(s)] = i, s
+        hidden, *present = self._prefill_run(batch_ids, batch_segs)  # (B, T, C), 2L x (B, H, T, D)
+        for layer in range(self.config.lm.n_layer):
+            self.k_cache[layer, slots, :, :T] = present[2 * layer]
+            self.v_cache[layer, slots, :, :T] = present[2 * layer + 1]
+        return self._heads(hidden[np.arange(len(ids)), lengths - 1], window)
+
+    def decode(
+        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, window: tuple[int, int]
+    ) -> np.ndarray:
+        B = len(slots)
+        positions = np.asarray(positions, dtype=np.int64)
+        in_place = np.array_equal(slots, np.arange(B))
+        if in_place:
+            k, v = self.k_cache[:, :B], self.v_cache[:, :B]  # views, contiguous per layer
+        else:
+            used = int(positions.max()) + 1
+            k = np.ascontiguousarray(self.k_cache[:, slots, :, :used])  # (L, B, H, used, D)
+            v = np.ascontiguousarray(self.v_cache[:, slots, :, :used])
+        io = self.sessions["lm_decode"].io_binding()
+        io.bind_output("hidden", "cpu")
+        io.bind_cpu_input("input_ids", np.asarray(tokens, dtype=np.int64)[:, None])
+        io.bind_cpu_input("position_ids", positions[:, None])
+        io.bind_cpu_input("seqlens_k", positions.astype(np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(positions.max() + 1, dtype=np.int32))
+        for layer in range(self.config.lm.n_layer):
+            for kind, cache in (("key", k), ("value", v)):
+                buf = cache[layer]  # (B, H, M, D)
+                args = ("cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+                io.bind_input(f"past_{kind}_{layer}", *args)
+                io.bind_output(f"present_{kind}_{layer}", *args)
+        self.sessions["lm_decode"].run_with_iobinding(io)
+        hidden = io.copy_outputs_to_cpu()[0][:, 0]  # (B, C)
+        if not in_place:
+            rows = np.arange(B)
+            self.k_cache[:, slots, :, positions] = k[:, rows, :, positions]
+            self.v_cache[:, slots, :, positions] = v[:, rows, :, positions]
+        return self._heads(hidden, window)
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=self.float_dtype)
+        return self.sessions["vqgan_encoder"].run(None, {"images": x})[0]
+
+    def decode_images(self, codes: np.ndarray) -> np.ndarray:
+        out = self.sessions["vqgan_decoder"].run(
+            None, {"codes": np.asarray(codes, dtype=np.int64)}
+        )[0]
+        return out.astype(np.float32, copy=False)
