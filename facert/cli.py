@@ -172,6 +172,41 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"attribute    {name}: {', '.join(values)}")
 
 
+def cmd_bench_decode(args: argparse.Namespace) -> None:
+    import json as _json
+
+    from tqdm import tqdm
+
+    from facert.bench import decode
+    from facert.bench.base_model import make_base_model
+    from facert.bench.machine import describe
+    from facert.runtime.onnx_engines import cache_root
+
+    if args.model == "base":
+        with tqdm(desc="writing the random base-shape model", total=None, file=sys.stderr) as bar:
+            model_dir = make_base_model(cache_root() / "base-random")
+            bar.update()
+    else:
+        model_dir = Path(args.model)
+    configs = [tuple(c.split(":")) for c in args.configs.split(",")]
+    bad = [c for c in configs if len(c) != 2]
+    if bad:
+        raise FacertError(f"configs are BACKEND:PRECISION, e.g. onnxruntime:int8; got {bad}")
+    with tqdm(total=len(configs), desc="decode", file=sys.stderr) as bar:
+        result = decode.run(model_dir, configs, steps=args.steps, threads=args.threads,
+                            progress=lambda c: (bar.set_postfix_str(c), bar.update()))  # fmt: skip
+    result["machine"] = describe()
+    result["model"] = str(model_dir)
+    table = decode.markdown(result)
+    print(table)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.json").write_text(_json.dumps(result, indent=2))
+        (out / "decode.md").write_text(table + "\n")
+        print(f"wrote {out / 'decode.json'} and {out / 'decode.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
     p.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="benchmarks and quality evaluation").add_subparsers(
+        dest="scenario", required=True
+    )
+    p = bench.add_parser("decode", help="decode step time vs the memory-bandwidth floor")
+    p.add_argument(
+        "--model",
+        default="base",
+        help="'base' (real Talk2Face shapes, random weights, made locally) or a model dir",
+    )
+    p.add_argument(
+        "--configs",
+        default="onnxruntime:fp32,onnxruntime:int8,onnxruntime:int4,torch:fp32",
+        help="comma-separated BACKEND:PRECISION to time side by side",
+    )
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("-o", "--output", help="directory for decode.json and decode.md")
+    p.set_defaults(func=cmd_bench_decode)
 
     p = sub.add_parser("info", help="describe a model directory or an exported engine directory")
     p.add_argument("model")

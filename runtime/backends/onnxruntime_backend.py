@@ -64,6 +64,7 @@ class OnnxRuntimeBackend:
             raise FacertError(f"cannot load the ONNX graphs in {self.engine_dir}: {e}") from e
         self.float_dtype = self._dtype("lm_decode", "past_key_0")
         self.k_cache = self.v_cache = None
+        self._bindings = {}
 
     def _dtype(self, graph: str, name: str) -> np.dtype:
         s = self.sessions[graph]
@@ -75,6 +76,7 @@ class OnnxRuntimeBackend:
         shape = (c.n_layer, num_slots, c.n_head, max_len, c.head_dim)  # (L, S, H, M, D)
         self.k_cache = np.zeros(shape, self.float_dtype)
         self.v_cache = np.zeros(shape, self.float_dtype)
+        self._bindings: dict[tuple, _DecodeBinding] = {}
 
     def _heads(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
         """(N, C) hidden -> (N, hi-lo) float32 logits, running only the heads the window needs."""
@@ -116,33 +118,29 @@ class OnnxRuntimeBackend:
             self.v_cache[layer, slots, :, :T] = present[2 * layer + 1]
         return self._heads(hidden[np.arange(len(ids)), lengths - 1], window)
 
+    def _binding(self, k: np.ndarray, v: np.ndarray) -> _DecodeBinding:
+        """An IO binding over these cache buffers, reused while they stay the same."""
+        B = k.shape[1]
+        key = (B, k.ctypes.data, k.shape)
+        if key not in self._bindings:
+            self._bindings[key] = _DecodeBinding(self.sessions["lm_decode"], k, v, self.config)
+        return self._bindings[key]
+
     def decode(
         self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, window: tuple[int, int]
     ) -> np.ndarray:
         B = len(slots)
         positions = np.asarray(positions, dtype=np.int64)
-        in_place = np.array_equal(slots, np.arange(B))
-        if in_place:
-            k, v = self.k_cache[:, :B], self.v_cache[:, :B]  # views, contiguous per layer
+        if np.array_equal(slots, np.arange(B)):
+            binding = self._binding(self.k_cache[:, :B], self.v_cache[:, :B])  # in place
+            hidden = binding.run(tokens, positions)
         else:
             used = int(positions.max()) + 1
             k = np.ascontiguousarray(self.k_cache[:, slots, :, :used])  # (L, B, H, used, D)
             v = np.ascontiguousarray(self.v_cache[:, slots, :, :used])
-        io = self.sessions["lm_decode"].io_binding()
-        io.bind_output("hidden", "cpu")
-        io.bind_cpu_input("input_ids", np.asarray(tokens, dtype=np.int64)[:, None])
-        io.bind_cpu_input("position_ids", positions[:, None])
-        io.bind_cpu_input("seqlens_k", positions.astype(np.int32))
-        io.bind_cpu_input("total_sequence_length", np.array(positions.max() + 1, dtype=np.int32))
-        for layer in range(self.config.lm.n_layer):
-            for kind, cache in (("key", k), ("value", v)):
-                buf = cache[layer]  # (B, H, M, D)
-                args = ("cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
-                io.bind_input(f"past_{kind}_{layer}", *args)
-                io.bind_output(f"present_{kind}_{layer}", *args)
-        self.sessions["lm_decode"].run_with_iobinding(io)
-        hidden = io.copy_outputs_to_cpu()[0][:, 0]  # (B, C)
-        if not in_place:
+            hidden = _DecodeBinding(self.sessions["lm_decode"], k, v, self.config).run(
+                tokens, positions
+            )
             rows = np.arange(B)
             self.k_cache[:, slots, :, positions] = k[:, rows, :, positions]
             self.v_cache[:, slots, :, positions] = v[:, rows, :, positions]
@@ -157,3 +155,46 @@ class OnnxRuntimeBackend:
             None, {"codes": np.asarray(codes, dtype=np.int64)}
         )[0]
         return out.astype(np.float32, copy=False)
+
+
+class _DecodeBinding:
+    """lm_decode bound once to fixed buffers: the step's small inputs are rewritten in place and
+    the cache layers are bound as both past and present, so a step is one run call."""
+
+    def __init__(
+        self, session: ort.InferenceSession, k: np.ndarray, v: np.ndarray, config: ModelConfig
+    ):
+        B = k.shape[1]
+        self.session = session
+        self.ids = np.zeros((B, 1), dtype=np.int64)
+        self.positions = np.zeros((B, 1), dtype=np.int64)
+        self.seqlens = np.zeros(B, dtype=np.int32)
+        self.total = np.zeros((), dtype=np.int32)
+        self.hidden = np.zeros((B, 1, config.lm.n_embd), dtype=k.dtype)
+        self.io = session.io_binding()
+        for name, a in (
+            ("input_ids", self.ids),
+            ("position_ids", self.positions),
+            ("seqlens_k", self.seqlens),
+            ("total_sequence_length", self.total),
+        ):
+            self.io.bind_input(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+        self.io.bind_output(
+            "hidden", "cpu", 0, self.hidden.dtype, self.hidden.shape, self.hidden.ctypes.data
+        )
+        for layer in range(config.lm.n_layer):
+            for kind, cache in (("key", k), ("value", v)):
+                buf = cache[layer]  # (B, H, M, D), contiguous
+                args = ("cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+                self.io.bind_input(f"past_{kind}_{layer}", *args)
+                self.io.bind_output(f"present_{kind}_{layer}", *args)
+        self._keep = (k, v)  # the bound memory must outlive the binding
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One step; returns (B, C) hidden states (a view reused by the next step)."""
+        self.ids[:, 0] = tokens
+        self.positions[:, 0] = positions
+        self.seqlens[:] = positions
+        self.total[()] = positions.max() + 1
+        self.session.run_with_iobinding(self.io)
+        return self.hidden[:, 0]

@@ -1,0 +1,133 @@
+"""`facert bench decode`: time one decode step against the memory-bandwidth floor.
+
+At batch 1 a decode step is memory-bound: it must read every weight it multiplies once. The
+floor is those bytes (counted from the exported decode graph and the image head, so it follows
+the precision) divided by the read bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from facert.runtime.model import FaceModel
+from facert.runtime.sequence import SamplingParams
+
+from .machine import read_bandwidth
+
+PROMPT = "a smiling young woman with long blond hair and glasses"
+
+
+def step_weight_bytes(engine_dir: Path) -> int:
+    """Bytes of weights one image decode step reads: every initializer of lm_decode except
+    embedding tables (a Gather reads one row), plus the image head."""
+    total = 0
+    for graph in ("lm_decode", "head_image"):
+        model = onnx.load(engine_dir / f"{graph}.onnx", load_external_data=False)
+        gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+        for t in model.graph.initializer:
+            if t.name in gathered:
+                continue
+            length = next((int(e.value) for e in t.external_data if e.key == "length"), None)
+            total += (
+                length
+                if length is not None
+                else len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+            )
+    return total
+
+
+def time_decode(model: FaceModel, steps: int) -> list[float]:
+    """Seconds per decode step, batch 1, image window, continuing an image prompt."""
+    seq = model.templates.to_image(PROMPT, SamplingParams(seed=0), 0)
+    backend, window = model.backend, model.templates.image_window
+    slot = np.zeros(1, dtype=np.int64)
+    backend.prefill(slot, [seq.prompt_ids], [seq.prompt_segs], window)
+    rng = np.random.default_rng(0)
+    times = []
+    for i in range(steps):
+        token = rng.integers(window[0], window[1], 1)
+        position = np.array([len(seq.prompt_ids) + i])
+        t = time.perf_counter()
+        backend.decode(slot, token, position, window)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _weight_bytes(model: FaceModel) -> int:
+    if model.backend.name == "onnxruntime":
+        return step_weight_bytes(model.backend.engine_dir)
+    c = model.config.lm  # fp32 layers + final norm + image head
+    per_layer = 4 * c.n_embd**2 + 2 * c.n_embd * c.n_ffn + 9 * c.n_embd + c.n_ffn
+    return 4 * (c.n_layer * per_layer + 2 * c.n_embd + c.image_vocab_size * c.n_embd)
+
+
+def run(
+    model_dir: Path,
+    configs: list[tuple[str, str]],
+    steps: int = 40,
+    rounds: int = 3,
+    threads: int | None = None,
+    progress=None,
+) -> dict:
+    """Time (backend, precision) configs side by side: every config is loaded first, then the
+    rounds interleave them, so a noisy neighbour or frequency change hits all of them alike."""
+    models = {}
+    for backend, precision in configs:
+        if progress:
+            progress(f"loading {backend} {precision}")
+        models[(backend, precision)] = FaceModel(
+            model_dir,
+            backend=backend,
+            precision=precision,
+            threads=threads,
+            num_slots=1,
+            progress=False,
+        )
+    bandwidth = read_bandwidth()
+    times: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
+    for r in range(rounds):
+        for c in configs:
+            if progress:
+                progress(f"round {r + 1}/{rounds}: {c[0]} {c[1]}")
+            times[c] += time_decode(models[c], steps + 3)[3:]  # first steps warm caches
+    after = read_bandwidth()
+    bandwidth = {k: max(bandwidth[k], after[k]) for k in bandwidth}
+    rows = []
+    for c in configs:
+        step, weight_bytes = statistics.median(times[c]), _weight_bytes(models[c])
+        floor = weight_bytes / bandwidth["bytes_per_s"]
+        rows.append({
+            "backend": c[0], "precision": c[1], "step_ms": step * 1e3,
+            "p10_ms": float(np.percentile(times[c], 10)) * 1e3,
+            "p90_ms": float(np.percentile(times[c], 90)) * 1e3,
+            "weight_mb": weight_bytes / 1e6, "floor_ms": floor * 1e3,
+            "ratio_to_floor": step / floor,
+        })  # fmt: skip
+    return {
+        "bandwidth_gb_s": {k: v / 1e9 for k, v in bandwidth.items()},
+        "steps": steps * rounds,
+        "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    bw = result["bandwidth_gb_s"]["bytes_per_s"]
+    lines = [
+        f"Decode step, batch 1, image window, median of {result['steps']} steps; "
+        f"floor = weight bytes / {bw:.1f} GB/s (read bandwidth measured in the same run)",
+        "",
+        "| backend | precision | step ms | p10–p90 ms | weights MB | floor ms | × floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | {r['step_ms']:.2f} "
+            f"| {r['p10_ms']:.2f}–{r['p90_ms']:.2f} | {r['weight_mb']:.0f} "
+            f"| {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} |"
+        )
+    return "\n".join(lines)
