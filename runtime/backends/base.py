@@ -37,3 +37,16 @@ class Backend(Protocol):
 
     def decode_images(self, codes: np.ndarray) -> np.ndarray:
         """int64 (N, T) codes -> float32 (N, 3, H, W) images in [-1, 1]."""
+
+
+def pad_rows(
+    ids: list[np.ndarray], segs: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts of different lengths -> right-padded (B, T) ids and segments, and the lengths.
+    Padding is segment 0, which the prefix mask hides from every query."""
+    lengths = np.array([len(x) for x in ids])
+    batch_ids = np.zeros((len(ids), int(lengths.max())), dtype=np.int64)  # (B, T)
+    batch_segs = np.zeros_like(batch_ids)
+    for r, (i, s) in enumerate(zip(ids, segs)):
+        batch_ids[r, : len(i)], batch_segs[r, : len(s)] = i, s
+    return batch_ids, batch_segs, lengths

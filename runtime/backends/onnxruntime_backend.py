@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from ..config import ModelConfig
 from ..errors import FacertError
+from .base import pad_rows
 
 GRAPHS = ("lm_prefill", "lm_decode", "head_text", "head_image", "vqgan_encoder", "vqgan_decoder")
 
@@ -106,12 +107,8 @@ class OnnxRuntimeBackend:
         segs: list[np.ndarray],
         window: tuple[int, int],
     ) -> np.ndarray:
-        lengths = np.array([len(x) for x in ids])
-        T = int(lengths.max())
-        batch_ids = np.zeros((len(ids), T), dtype=np.int64)  # right-padded with segment 0
-        batch_segs = np.zeros((len(ids), T), dtype=np.int64)
-        for r, (i, s) in enumerate(zip(ids, segs)):
-            batch_ids[r, : len(i)], batch_segs[r, : len(s)] = i, s
+        batch_ids, batch_segs, lengths = pad_rows(ids, segs)
+        T = batch_ids.shape[1]
         hidden, *present = self._prefill_run(batch_ids, batch_segs)  # (B, T, C), 2L x (B, H, T, D)
         for layer in range(self.config.lm.n_layer):
             self.k_cache[layer, slots, :, :T] = present[2 * layer]

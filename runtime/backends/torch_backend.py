@@ -12,6 +12,7 @@ from facert.export.lm import Talk2FaceLM, decode_mask_bias, prefix_mask_bias
 from facert.export.vqgan import VQGAN
 
 from ..config import LM_FILE, VQGAN_FILE, ModelConfig
+from .base import pad_rows
 
 
 class TorchBackend:
@@ -49,12 +50,8 @@ class TorchBackend:
         segs: list[np.ndarray],
         window: tuple[int, int],
     ) -> np.ndarray:
-        lengths = [len(x) for x in ids]
-        T = max(lengths)
-        batch_ids = np.zeros((len(ids), T), dtype=np.int64)  # right-padded with segment 0
-        batch_segs = np.zeros((len(ids), T), dtype=np.int64)
-        for r, (i, s) in enumerate(zip(ids, segs)):
-            batch_ids[r, : len(i)], batch_segs[r, : len(s)] = i, s
+        batch_ids, batch_segs, lengths = pad_rows(ids, segs)
+        T = batch_ids.shape[1]
         ids_t, segs_t, slots_t = (
             self._tensor(batch_ids),
             self._tensor(batch_segs),
