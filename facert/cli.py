@@ -207,6 +207,26 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
         print(f"wrote {out / 'decode.json'} and {out / 'decode.md'}")
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from facert.bench import doctor
+    from facert.bench.machine import describe
+
+    m = describe()
+    print(f"machine      {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['platform']}")
+    print(f"packages     {', '.join(f'{k} {v}' for k, v in m['versions'].items())}")
+    print(f"providers    {', '.join(doctor.ort.get_available_providers())}")
+    with tqdm(total=len(doctor.plan()), desc="checking", file=sys.stderr) as bar:
+        reference, checks = doctor.run(
+            args.model, progress=lambda s: (bar.set_postfix_str(s), bar.update())
+        )
+    print(f"reference    {reference} backend, fp32")
+    print(doctor.table(checks))
+    if not all(c.passed for c in checks):
+        raise FacertError("some checks failed (see the table above)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("-o", "--output", help="directory for decode.json and decode.md")
     p.set_defaults(func=cmd_bench_decode)
+
+    p = sub.add_parser("doctor", help="self-check: parity and timings on this device's providers")
+    p.add_argument("-m", "--model", required=True, help="facert model directory")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("info", help="describe a model directory or an exported engine directory")
     p.add_argument("model")
