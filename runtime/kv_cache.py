@@ -4,6 +4,8 @@ to `max_len` positions. The pool decides who owns which slot; the backend holds 
 
 from __future__ import annotations
 
+import heapq
+
 from .config import LMConfig
 from .errors import FacertError
 
@@ -18,7 +20,7 @@ class SlotPool:
         if num_slots < 1:
             raise FacertError("the KV cache needs at least one slot")
         self.num_slots, self.max_len = num_slots, max_len
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = list(range(num_slots))  # a min-heap: the lowest free slot goes first
 
     @classmethod
     def for_budget(cls, cfg: LMConfig, max_len: int, budget_bytes: int) -> SlotPool:
@@ -34,11 +36,13 @@ class SlotPool:
         return len(self._free)
 
     def acquire(self) -> int:
+        """The lowest free slot, so a batch started on an idle pool holds slots 0..B-1, which
+        backends can bind in place."""
         if not self._free:
             raise FacertError("no free KV-cache slot")
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
     def release(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots or slot in self._free:
             raise ValueError(f"slot {slot} is not in use")
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)

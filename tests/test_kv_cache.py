@@ -74,5 +74,8 @@ def test_slot_pool_budget_and_reuse(tiny_model):
     assert sorted(taken) == [0, 1, 2] and pool.num_free == 0
     pool.release(taken[1])
     assert pool.acquire() == taken[1]
+    for slot in (2, 0, 1):
+        pool.release(slot)
+    assert [pool.acquire() for _ in range(3)] == [0, 1, 2]  # lowest first, whatever the order
     with pytest.raises(ValueError):
         pool.release(7)
