@@ -46,7 +46,10 @@ class Engine:
                     s.logprobs.append(float(lp))
                 if on_step:
                     on_step(len(active))
-                active = [s for s in active if not s.done]
+                for s in active:
+                    if s.done:
+                        self._release(s)
+                active = self._compact([s for s in active if not s.done])
                 if not active:
                     return
                 logits = self.backend.decode(
@@ -57,5 +60,22 @@ class Engine:
                 )
         finally:
             for s in seqs:
+                if s.slot >= 0:
+                    self._release(s)
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(seq.slot)
+        seq.slot = -1
+
+    def _compact(self, active: list[Sequence]) -> list[Sequence]:
+        """Move running rows into the lowest free slots and order them by slot, so a decode
+        step's rows stay slots 0..B-1, which backends bind in place."""
+        for s in sorted(active, key=lambda s: s.slot, reverse=True):
+            target = self.pool.acquire()
+            if target < s.slot:
+                self.backend.copy_slot(s.slot, target, s.last_position)
                 self.pool.release(s.slot)
-                s.slot = -1
+                s.slot = target
+            else:
+                self.pool.release(target)
+        return sorted(active, key=lambda s: s.slot)

@@ -79,3 +79,29 @@ def test_slot_pool_budget_and_reuse(tiny_model):
     assert [pool.acquire() for _ in range(3)] == [0, 1, 2]  # lowest first, whatever the order
     with pytest.raises(ValueError):
         pool.release(7)
+
+
+def test_rows_finishing_early_are_compacted_to_the_lowest_slots(any_model, monkeypatch):
+    """Teacher-forced rows of different lengths finish at different steps; the survivors move
+    to slots 0..B-1 and score exactly as they do alone."""
+    m = any_model
+    codes = np.arange(m.config.vqgan.num_codes_per_image) % m.config.vqgan.n_embed
+    answers = [[1010], [2000, 3746, 1010, 102], [1996, 2711, 102], [5907, 1024, 2402, 1012, 102]]
+
+    def rows():
+        return [m.templates.to_attribute(codes, "gender", forced=a) for a in answers]
+
+    alone = []
+    for seq in rows():
+        m.engine.run([seq])
+        alone.append(seq.logprobs)
+    calls = []
+    decode = m.backend.decode
+    monkeypatch.setattr(m.backend, "decode", lambda s, *a: calls.append(list(s)) or decode(s, *a))
+    batch = rows()
+    m.engine.run(batch)
+    assert [len(c) for c in calls] == [3, 3, 2, 1]
+    assert all(c == list(range(len(c))) for c in calls)
+    for seq, ref in zip(batch, alone):
+        np.testing.assert_allclose(seq.logprobs, ref, atol=1e-4)
+    assert m.engine.pool.num_free == m.engine.pool.num_slots

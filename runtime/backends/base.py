@@ -32,6 +32,9 @@ class Backend(Protocol):
         """Append one segment-2 token per row at its position, attending to the row's cached
         positions 0..pos; returns (B, hi-lo) float32 logits."""
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of slot `src` into slot `dst`."""
+
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) scaled images -> int64 (N, T) VQGAN codes."""
 

@@ -143,6 +143,10 @@ class OnnxRuntimeBackend:
             self.v_cache[:, slots, :, positions] = v[:, rows, :, positions]
         return self._heads(hidden, window)
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+        self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(images, dtype=self.float_dtype)
         return self.sessions["vqgan_encoder"].run(None, {"images": x})[0]

@@ -91,6 +91,10 @@ class TorchBackend:
         h = self.lm.hidden(ids_t, segs_t, pos_t[:, None], bias, append)  # (B, 1, C)
         return self.lm.logits(h[:, 0], window).float().cpu().numpy()
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+        self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+
     @torch.inference_mode()
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(np.asarray(images, dtype=np.float32), device=self.device)
