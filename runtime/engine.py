@@ -71,6 +71,8 @@ class Engine:
         """Move running rows into the lowest free slots and order them by slot, so a decode
         step's rows stay slots 0..B-1, which backends bind in place."""
         for s in sorted(active, key=lambda s: s.slot, reverse=True):
+            if not self.pool.num_free:
+                break  # every slot is in use, so the running rows already are 0..B-1
             target = self.pool.acquire()
             if target < s.slot:
                 self.backend.copy_slot(s.slot, target, s.last_position)

@@ -105,3 +105,14 @@ def test_rows_finishing_early_are_compacted_to_the_lowest_slots(any_model, monke
     for seq, ref in zip(batch, alone):
         np.testing.assert_allclose(seq.logprobs, ref, atol=1e-4)
     assert m.engine.pool.num_free == m.engine.pool.num_slots
+
+
+def test_a_full_pool_runs_without_compaction(tiny_model_dir):
+    """Every slot busy: nothing to compact into, and the batch still completes."""
+    import facert
+
+    m = facert.load(tiny_model_dir, backend="torch", num_slots=2)
+    codes = np.zeros(m.config.vqgan.num_codes_per_image, dtype=np.int64)
+    seqs = [m.templates.to_attribute(codes, "gender", forced=[1010, 102]) for _ in range(2)]
+    m.engine.run(seqs)
+    assert all(len(s.logprobs) == 2 for s in seqs) and m.engine.pool.num_free == 2
