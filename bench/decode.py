@@ -58,7 +58,8 @@ def time_decode(model: FaceModel, steps: int) -> list[float]:
     return times
 
 
-def _weight_bytes(model: FaceModel) -> int:
+def model_step_bytes(model: FaceModel) -> int:
+    """Weight bytes one image decode step of this model's backend reads."""
     if model.backend.name == "onnxruntime":
         return step_weight_bytes(model.backend.engine_dir)
     c = model.config.lm  # fp32 layers + final norm + image head
@@ -99,7 +100,7 @@ def run(
     bandwidth = {k: max(bandwidth[k], after[k]) for k in bandwidth}
     rows = []
     for c in configs:
-        step, weight_bytes = statistics.median(times[c]), _weight_bytes(models[c])
+        step, weight_bytes = statistics.median(times[c]), model_step_bytes(models[c])
         floor = weight_bytes / bandwidth["bytes_per_s"]
         rows.append({
             "backend": c[0], "precision": c[1], "step_ms": step * 1e3,

@@ -15,10 +15,13 @@ from facert.runtime.model import FaceModel
 
 __all__ = ["FaceModel", "FacertError", "load"]
 __version__ = "0.1.0"
+# A tiny Talk2Face trained on synthetic faces (facert.export.train), so everything works offline.
+BUNDLED_MODEL = Path(__file__).parent / "models" / "talk2face-synth"
 
 
-def load(model_dir: str | Path, **options: Any) -> FaceModel:
-    """Load a facert model directory (see `facert convert`); options are FaceModel's:
+def load(model_dir: str | Path | None = None, **options: Any) -> FaceModel:
+    """Load a facert model directory (see `facert convert`), by default the bundled model;
+    options are FaceModel's:
 
     backend: "onnxruntime" (default; torch-free, exports the ONNX graphs on first use) or
     "torch" (the exact reference model). ONNX Runtime settings: precision (fp32, fp16, int8,
@@ -26,4 +29,4 @@ def load(model_dir: str | Path, **options: Any) -> FaceModel:
     threads (intra-op threads). num_slots: how many sequences decode together. progress: show a
     progress bar while exporting.
     """
-    return FaceModel(model_dir, **options)
+    return FaceModel(BUNDLED_MODEL if model_dir is None else model_dir, **options)

@@ -11,7 +11,7 @@ from facert.runtime.errors import FacertError
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="facert model directory")
+    p.add_argument("-m", "--model", help="facert model directory (default: the bundled model)")
     p.add_argument(
         "--backend",
         default="onnxruntime",
@@ -207,9 +207,30 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
         print(f"wrote {out / 'decode.json'} and {out / 'decode.md'}")
 
 
+def cmd_bench_scenario(args: argparse.Namespace) -> None:
+    from facert.bench.scenarios import run_scenario
+
+    run_scenario(args)
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> None:
+    from facert.bench.quality import run
+
+    run(args.model, args.configs, args.n, args.threads, args.output, args.quiet)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from facert.bench.demo import DEFAULT_TEXT, run_demo, summary
+
+    report = run_demo(_load(args), args.text or DEFAULT_TEXT, args.n, Path(args.output), args.seed)
+    print(summary(report))
+    print(f"wrote {args.output}/contact-sheet.png, report.json and {args.n} faces")
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from facert import BUNDLED_MODEL
     from facert.bench import doctor
     from facert.bench.machine import describe
 
@@ -219,7 +240,8 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     print(f"providers    {', '.join(doctor.ort.get_available_providers())}")
     with tqdm(total=len(doctor.plan()), desc="checking", file=sys.stderr) as bar:
         reference, checks = doctor.run(
-            args.model, progress=lambda s: (bar.set_postfix_str(s), bar.update())
+            Path(args.model or BUNDLED_MODEL),
+            progress=lambda s: (bar.set_postfix_str(s), bar.update()),
         )
     print(f"reference    {reference} backend, fp32")
     print(doctor.table(checks))
@@ -301,9 +323,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("-o", "--output", help="directory for decode.json and decode.md")
     p.set_defaults(func=cmd_bench_decode)
+    from facert.bench.scenarios import add_scenarios
+
+    add_scenarios(bench, cmd_bench_scenario)  # tasks, throughput, load, memory
+
+    p = bench.add_parser("quality", help="task accuracy on held-out synthetic faces, per config")
+    p.add_argument("--model", help="facert model directory (default: the bundled model)")
+    p.add_argument(
+        "--configs",
+        default="onnxruntime:fp32,onnxruntime:int8,onnxruntime:int4,torch:fp32",
+        help="comma-separated BACKEND:PRECISION to evaluate",
+    )
+    p.add_argument("-n", type=int, default=1000, help="held-out faces (default 1000)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("-o", "--output", type=Path, help="directory for quality-MODEL.json")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench_quality)
+
+    p = sub.add_parser("demo", help="draw faces from a sentence and read them back (contact sheet)")
+    p.add_argument("--text", default=None, help="what to draw (default: a sample sentence)")
+    _model_arg(p)
+    p.add_argument("-n", type=int, default=4, help="number of faces (default 4)")
+    p.add_argument("-o", "--output", default="demo-out", help="output dir (default demo-out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("doctor", help="self-check: parity and timings on this device's providers")
-    p.add_argument("-m", "--model", required=True, help="facert model directory")
+    p.add_argument("-m", "--model", help="facert model directory (default: the bundled model)")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("info", help="describe a model directory or an exported engine directory")

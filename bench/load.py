@@ -1,0 +1,124 @@
+"""`facert bench load`: Poisson arrivals of a mixed task stream at a few rates, served by a FIFO
+loop around FaceModel (`server.py`): throughput, latency p50/p99, and goodput under a deadline.
+
+Rates are multiples of the one-at-a-time capacity (1 / the mix's mean solo latency, measured
+first), so "1.0" means as many requests as the server could finish unbatched. Each task's
+deadline is a multiple of its solo latency. Two policies share each stream: `fifo-batch` (what
+has arrived, batched as server.py says) and `one-at-a-time`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from .contestants import Facert
+from .models import BenchModel
+from .report import machine_line, table
+from .server import Request, Server, poisson_stream
+from .timing import summary_ms
+
+MIX = {"to_image": 1 / 3, "to_caption": 1 / 3, "to_attributes": 1 / 3}
+POLICIES = {"fifo-batch": None, "one-at-a-time": 1}
+
+
+def _solo(server: Server, tasks: list[str]) -> dict[str, float]:
+    """Seconds each task takes alone (second of two runs; the first warms up)."""
+    solo = {}
+    for task in tasks:
+        for _ in range(2):
+            r = Request(0, task, 0.0)
+            server.serve([r])
+        solo[task] = r.finish
+    return solo
+
+
+def _stats(reqs: list[Request], deadlines: dict[str, float], batches: list[int]) -> dict:
+    span = max(r.finish for r in reqs) - min(r.arrival for r in reqs)
+    met = [r for r in reqs if r.latency <= deadlines[r.task]]
+    lat = summary_ms([r.latency for r in reqs])
+    return {
+        "throughput_rps": len(reqs) / span, "goodput_rps": len(met) / span,
+        "met": len(met) / len(reqs), "p50_ms": lat["p50"], "p99_ms": lat["p99"],
+        "mean_batch": float(np.mean(batches)), "span_s": span,
+    }  # fmt: skip
+
+
+def run(
+    model: BenchModel,
+    configs: list[tuple[str, str]],
+    rates: list[float] = (0.5, 1.0, 2.0),
+    requests: int = 16,
+    deadline: float = 3.0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    out = []
+    for config in configs:
+        f = Facert(model.path, config, threads)
+        attribute = next(iter(f.model.config.attributes), None)
+        mix = {t: w for t, w in MIX.items() if attribute or t != "to_attributes"}
+        bar = tqdm(total=len(rates) * len(POLICIES) + 1, desc=f"load {model.name} {f.name}",
+                   disable=not progress)  # fmt: skip
+        bar.set_postfix_str("solo latencies")
+        solo = _solo(Server(f.model, 1, attribute), list(mix))
+        bar.update()
+        capacity = 1.0 / (sum(w * solo[t] for t, w in mix.items()) / sum(mix.values()))
+        deadlines = {t: deadline * s for t, s in solo.items()}
+        rows = []
+        for factor in rates:
+            for policy, max_requests in POLICIES.items():
+                bar.set_postfix_str(f"{policy} at {factor}x")
+                stream = poisson_stream(factor * capacity, requests, mix, seed=int(factor * 1000))
+                server = Server(f.model, max_requests or requests, attribute)
+                server.serve(stream)
+                rows.append({"policy": policy, "rate_factor": factor,
+                             "offered_rps": factor * capacity,
+                             **_stats(stream, deadlines, server.batches)})  # fmt: skip
+                bar.update()
+        bar.close()
+        out.append({"contestant": f.name, "solo_s": solo, "capacity_rps": capacity,
+                    "deadlines_s": deadlines, "mix": mix, "rows": rows})  # fmt: skip
+    return {"model": model.name, "path": str(model.path), "requests": requests,
+            "deadline_factor": deadline, "configs": out}  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "### load: Poisson arrivals of a mixed task stream\n",
+        machine_line(result["machine"]),
+        "",
+        "FIFO server loop around FaceModel (virtual clock, real service times); rates are "
+        "multiples of the one-at-a-time capacity; goodput counts requests that finished within "
+        "their deadline (a multiple of the task's solo latency) per second.",
+    ]
+    head = ["policy", "rate ×", "offered req/s", "throughput req/s", "p50 ms", "p99 ms",
+            "goodput req/s", "met", "mean batch"]  # fmt: skip
+    for m in result["models"]:
+        for c in m["configs"]:
+            solo = ", ".join(f"{t} {s:.2f} s" for t, s in c["solo_s"].items())
+            body = [[r["policy"], r["rate_factor"], r["offered_rps"], r["throughput_rps"],
+                     r["p50_ms"], r["p99_ms"], r["goodput_rps"], f"{r['met']:.0%}",
+                     r["mean_batch"]] for r in c["rows"]]  # fmt: skip
+            lines += [
+                f"\n#### model {m['model']}, {c['contestant']}: {m['requests']} requests per "
+                f"rate, mix {', '.join(c['mix'])} equally; solo {solo}; deadline "
+                f"{m['deadline_factor']}x solo\n",
+                table(head, body),
+            ]
+    return "\n".join(lines)
+
+
+def plot(result: dict, fig) -> None:
+    p99, good = fig.subplots(1, 2)
+    for m in result["models"]:
+        for c in m["configs"]:
+            for policy in POLICIES:
+                rows = [r for r in c["rows"] if r["policy"] == policy]
+                x = [r["offered_rps"] for r in rows]
+                label = f"{m['model']} {c['contestant'].removeprefix('facert ')} {policy}"
+                p99.plot(x, [r["p99_ms"] / 1e3 for r in rows], "o-", label=label)
+                good.plot(x, [r["goodput_rps"] for r in rows], "o-", label=label)
+    p99.set(xlabel="offered load (req/s)", ylabel="latency p99 (s)", title="load: p99 latency")
+    good.set(xlabel="offered load (req/s)", ylabel="goodput (req/s)", title="load: goodput")
+    p99.legend(fontsize=7)

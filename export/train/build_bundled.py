@@ -1,0 +1,70 @@
+"""Rebuild the bundled model `facert/models/talk2face-synth` from nothing (CPU only).
+
+    python -m facert.export.train.build_bundled    # work files in ~/.cache/facert/train-synth
+    python -m facert.export.train.build_bundled --work DIR
+
+About an hour on two cores: the vocabulary (seconds), the VQGAN (~15 min), the training faces'
+codes (~1 min), the LM (~35 min), the evaluation kit's attribute classifier (~4 min), then the
+model directory with its fp32 ONNX graphs (seconds). Every step resumes from its checkpoint and
+a finished step is skipped, so an interrupted build picks up where it stopped. Training is
+seeded; a rebuild gives the same model up to floating-point differences between machines.
+Other precisions are exported on first use into the user cache (`facert export` ships none:
+the package must stay under 30 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from facert import BUNDLED_MODEL
+from facert.export.onnx_export import export_engine
+from facert.runtime.config import CONFIG_FILE, LM_FILE, VOCAB_FILE, VQGAN_FILE
+
+from . import classifier, lm, vqgan
+from .data import vocabulary
+
+WORK = Path.home() / ".cache" / "facert" / "train-synth"
+EVAL_DIR = "eval"
+
+
+def write_model_dir(work: Path, out: Path) -> None:
+    """The trained files -> a facert model directory with its fp32 engine and evaluation kit."""
+    vocab = (work / VOCAB_FILE).read_text().splitlines()
+    if out.exists():
+        shutil.rmtree(out)
+    (out / EVAL_DIR).mkdir(parents=True)
+    (out / CONFIG_FILE).write_text(lm.bundled_config(len(vocab)).to_json() + "\n")
+    for name, source in ((VOCAB_FILE, VOCAB_FILE), (LM_FILE, lm.WEIGHTS), (VQGAN_FILE,
+                                                                          vqgan.WEIGHTS)):
+        shutil.copyfile(work / source, out / name)
+    shutil.copyfile(work / classifier.ONNX_FILE, out / EVAL_DIR / classifier.ONNX_FILE)
+    export_engine(out, out / "onnx" / "fp32", "fp32")
+
+
+def build(work: Path = WORK, out: Path = BUNDLED_MODEL) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / VOCAB_FILE).is_file():
+        (work / VOCAB_FILE).write_text("\n".join(vocabulary()) + "\n")
+    if not (work / vqgan.WEIGHTS).is_file():
+        vqgan.train(work)
+    if not (work / lm.WEIGHTS).is_file():
+        lm.train(work)
+    if not (work / classifier.ONNX_FILE).is_file():
+        classifier.train(work)
+    write_model_dir(work, out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    print(f"wrote {out} ({size:.1f} MiB)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=WORK, help="checkpoints and trained weights")
+    p.add_argument("-o", "--output", type=Path, default=BUNDLED_MODEL, help="model dir to write")
+    args = p.parse_args()
+    build(args.work, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""What the three training scripts share: threads and seeds, the learning-rate schedule, and
+checkpoints that make every run resumable."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+THREADS = 2
+
+
+def setup(seed: int) -> None:
+    """Same threads and seeds in every script, so a rebuild gives the same model."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(seed)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def resume(path: Path, **objects) -> int:
+    """Load `objects` (anything with load_state_dict) from a checkpoint; returns its step, or 0
+    when there is none."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, weights_only=True)
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    print(f"resumed {path} at step {state['step']}", flush=True)
+    return state["step"]
+
+
+def save_checkpoint(path: Path, step: int, **objects) -> None:
+    """Write atomically so an interrupted save never leaves a broken checkpoint."""
+    state = {name: obj.state_dict() for name, obj in objects.items()}
+    state["step"] = step
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+class Log:
+    """One progress line every `every` steps: step, learning rate, averaged metrics, speed."""
+
+    def __init__(self, name: str, steps: int, every: int):
+        self.name, self.steps, self.every = name, steps, every
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.start = time.time()
+
+    def add(self, step: int, lr: float, **metrics: float) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        if (step + 1) % self.every and step + 1 != self.steps:
+            return
+        avg = "  ".join(f"{k} {v / self.count:.4f}" for k, v in self.sums.items())
+        per_step = (time.time() - self.start) / self.count
+        left = (self.steps - step - 1) * per_step / 60
+        print(
+            f"{self.name} {step + 1}/{self.steps}  lr {lr:.2e}  {avg}  "
+            f"{per_step:.2f} s/step, {left:.1f} min left",
+            flush=True,
+        )
+        self.sums, self.count, self.start = {}, 0, time.time()

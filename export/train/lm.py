@@ -1,0 +1,192 @@
+"""Train the bundled model's small Talk2Face LM on VQGAN codes of synthetic faces (CPU).
+
+Every step takes a batch of faces and trains all three tasks on them with the runtime's
+templates: a fresh caption -> the face's codes (to_image), the codes -> another fresh caption
+(to_caption), and the codes -> the answers to two random attribute questions (to_attributes).
+The LM is `facert.export.lm.Talk2FaceLM` unchanged, with its prefix mask.
+
+    python -m facert.export.train.lm -o train-out   # needs vocab.txt and vqgan.safetensors there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from facert.export.lm import Talk2FaceLM, prefix_mask_bias
+from facert.export.vqgan import VQGAN
+from facert.runtime.config import LMConfig, ModelConfig
+from facert.runtime.images import scale_pixels
+from facert.runtime.tasks import Templates
+from facert.runtime.tokenizer import WordPieceTokenizer
+
+from . import vqgan as vq
+from .common import Log, learning_rate, resume, save_checkpoint, set_lr, setup
+from .data import PROMPTS, SPECIAL_TOKENS, TRAIN_SEED, attribute_values, caption_of, faces
+from .sequences import IGNORE, attribute_row, caption_row, collate, image_row
+
+N_LAYER, N_HEAD, N_EMBD = 4, 4, 192  # 2.1M parameters: the bundled files must stay small
+SEQ_LENGTH = 144  # longest template: 69-id caption prompt + a 55-word caption + [SEP], with room
+N_FACES = 12000  # faces whose codes are precomputed
+STEPS, BATCH, PEAK_LR, WARMUP = 1800, 24, 1e-3, 50
+ATTRIBUTES_PER_FACE = 2
+# Rows are padded to one length per task so that torch.compile builds each graph once (about
+# 1.7x faster steps): image 64 prompt ids + 64 codes; caption 69 + at most 55 words + [SEP].
+PAD_TO = {"image": 128, "caption": 128, "attr": 80}
+VALID_SEED = 2  # monitoring only; neither training (TRAIN_SEED) nor evaluation (EVAL_SEED)
+CODES, CHECKPOINT, WEIGHTS, VOCAB = "codes.npz", "lm.ckpt", "lm.safetensors", "vocab.txt"
+
+
+def bundled_config(text_vocab_size: int) -> ModelConfig:
+    """facert.json of the bundled model, for a vocabulary of `text_vocab_size` entries."""
+    lm = LMConfig(
+        vocab_size=text_vocab_size + vq.CONFIG.n_embed, text_vocab_size=text_vocab_size,
+        n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, n_ffn=4 * N_EMBD,
+        max_positions=SEQ_LENGTH, seq_length=SEQ_LENGTH,
+    )  # fmt: skip
+    return ModelConfig(
+        name="talk2face-synth", lm=lm, vqgan=vq.CONFIG, image_scaling=vq.IMAGE_SCALING,
+        prompts=dict(PROMPTS), attributes=attribute_values(),
+        cls_id=SPECIAL_TOKENS.index("[CLS]"), sep_id=SPECIAL_TOKENS.index("[SEP]"),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def encode_faces(out_dir: Path, seed: int, n: int) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Codes (int64 [n, 64]) and attributes of faces 0..n-1 of a dataset, cached in out_dir."""
+    path = out_dir / f"codes-{seed}-{n}.npz"
+    if path.is_file():
+        data = np.load(path)
+        return data["codes"].astype(np.int64), json.loads(str(data["attributes"]))
+    model = VQGAN(vq.CONFIG)
+    model.load_state_dict(load_file(str(out_dir / vq.WEIGHTS)))
+    model.eval()
+    codes, attributes = [], []
+    for start in range(0, n, 256):
+        images, attrs = faces(seed, range(start, min(n, start + 256)), vq.CONFIG.resolution)
+        codes.append(model.encode(torch.from_numpy(scale_pixels(images, vq.IMAGE_SCALING))))
+        attributes += attrs
+        print(f"encoded {start + len(attrs)}/{n} faces of seed {seed}", flush=True)
+    codes = torch.cat(codes).numpy()
+    np.savez(path, codes=codes.astype(np.int16), attributes=json.dumps(attributes))
+    return codes, attributes
+
+
+def init_weights(lm: Talk2FaceLM) -> None:
+    """GPT-2 style: N(0, 0.02), zero biases, residual projections scaled by depth."""
+    for name, p in lm.named_parameters():
+        if name.endswith("bias") and "ln" not in name:
+            nn.init.zeros_(p)
+        elif p.dim() == 2:
+            std = 0.02 / (2 * lm.cfg.n_layer) ** 0.5 if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(p, std=std)
+
+
+def make_rows(t: Templates, codes: np.ndarray, attributes: list[dict], indices, step: int):
+    """The step's rows per task: (image rows, caption rows, attribute rows)."""
+    rng = np.random.default_rng([3, step])
+    names = list(t.config.attributes)
+    image, text, answers = [], [], []
+    for i in indices:
+        a = attributes[i]
+        image.append(image_row(t, caption_of(a, 2 * step, i), codes[i], rng))
+        text.append(caption_row(t, codes[i], caption_of(a, 2 * step + 1, i)))
+        for name in rng.choice(names, ATTRIBUTES_PER_FACE, replace=False):
+            answers.append(attribute_row(t, codes[i], str(name), a[name]))
+    return image, text, answers
+
+
+def full_hidden(lm: Talk2FaceLM):
+    """(B, T) ids, segments -> (B, T, C) hidden states of a full prefix-LM forward."""
+
+    def hidden(ids: torch.Tensor, segs: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        return lm.hidden(ids, segs, positions, prefix_mask_bias(segs))
+
+    return hidden
+
+
+def task_loss(lm: Talk2FaceLM, hidden, rows, window, length: int) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy over a task's targets, softmax over its window; and top-1 accuracy."""
+    ids, segs, targets = collate(rows, window[0], length)
+    h = hidden(ids, segs)  # (B, T, C)
+    keep = targets != IGNORE  # (B, T)
+    logits = lm.logits(h[keep], window)  # (N, W)
+    loss = F.cross_entropy(logits, targets[keep])
+    return loss, (logits.argmax(-1) == targets[keep]).float().mean().item()
+
+
+def losses(lm: Talk2FaceLM, hidden, t: Templates, batch) -> tuple[torch.Tensor, dict]:
+    image, text, answers = batch
+    total, metrics = 0.0, {}
+    for task, rows, window in (
+        ("image", image, t.image_window), ("caption", text, t.text_window),
+        ("attr", answers, t.text_window),
+    ):  # fmt: skip
+        loss, acc = task_loss(lm, hidden, rows, window, PAD_TO[task])
+        total = total + loss
+        metrics[task] = loss.item()
+        metrics[f"{task}_acc"] = acc
+    return total, metrics
+
+
+def train(out_dir: Path, steps: int = STEPS) -> Path:
+    """Train (or resume) and write `lm.safetensors` in out_dir."""
+    setup(1)
+    tokenizer = WordPieceTokenizer(out_dir / VOCAB)
+    config = bundled_config(tokenizer.vocab_size)
+    t = Templates(config, tokenizer)
+    codes, attributes = encode_faces(out_dir, TRAIN_SEED, N_FACES)
+    valid_codes, valid_attributes = encode_faces(out_dir, VALID_SEED, 48)
+    valid = make_rows(t, valid_codes, valid_attributes, range(48), 0)
+    lm = Talk2FaceLM(config.lm)
+    init_weights(lm)
+    decay, rest = [], []
+    for name, p in lm.named_parameters():
+        (decay if p.dim() == 2 and name != "wpe.weight" else rest).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+        lr=PEAK_LR, betas=(0.9, 0.98),
+    )  # fmt: skip
+    start = resume(out_dir / CHECKPOINT, lm=lm, optimizer=optimizer)
+    train_hidden = torch.compile(full_hidden(lm), dynamic=False)
+    log = Log("lm", steps, every=10)
+    for step in range(start, steps):
+        lm.train()
+        lr = learning_rate(step, steps, PEAK_LR, WARMUP)
+        set_lr(optimizer, lr)
+        indices = np.random.default_rng([4, step]).choice(N_FACES, BATCH, replace=False)
+        loss, metrics = losses(lm, train_hidden, t, make_rows(t, codes, attributes, indices, step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        optimizer.step()
+        log.add(step, lr, **metrics)
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            lm.eval()
+            with torch.no_grad():
+                _, v = losses(lm, full_hidden(lm), t, valid)
+            print("lm valid  " + "  ".join(f"{k} {x:.4f}" for k, x in v.items()), flush=True)
+            save_checkpoint(out_dir / CHECKPOINT, step + 1, lm=lm, optimizer=optimizer)
+    path = out_dir / WEIGHTS
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(path))
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-o", "--output", type=Path, required=True, help="training directory")
+    p.add_argument("--steps", type=int, default=STEPS)
+    args = p.parse_args()
+    print(train(args.output, args.steps))
+
+
+if __name__ == "__main__":
+    main()
