@@ -66,7 +66,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 def contact_sheet(faces: list[np.ndarray], report: dict) -> Image.Image:
     """Faces side by side, each with its caption and attribute answers underneath."""
     font, title_font = _font(13), _font(16)
-    chars = max(10, int(TILE / max(1.0, font.getlength("abcdefghij") / 10)))
+    chars = max(10, int(0.9 * TILE / max(1.0, font.getlength("abcdefghij") / 10)))
     line_h = font.getbbox("Ag")[3] + 4
     blocks = []
     for entry in report["faces"]:
