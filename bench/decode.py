@@ -18,6 +18,7 @@ from facert.runtime.model import FaceModel
 from facert.runtime.sequence import SamplingParams
 
 from .machine import read_bandwidth
+from .report import machine_line
 
 PROMPT = "a smiling young woman with long blond hair and glasses"
 
@@ -121,6 +122,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Decode step, batch 1, image window, median of {result['steps']} steps; "
         f"floor = weight bytes / {bw:.1f} GB/s (read bandwidth measured in the same run)",
+        "",
+        machine_line(result["machine"]),
         "",
         "| backend | precision | step ms | p10–p90 ms | weights MB | floor ms | × floor |",
         "|---|---|---|---|---|---|---|",

@@ -10,6 +10,7 @@ import sys
 
 from tqdm import tqdm
 
+from facert.runtime.config import load_config
 from facert.runtime.errors import FacertError
 
 from .contestants import COMPETITORS
@@ -33,10 +34,12 @@ def run(
     configs: list[tuple[str, str]],
     batches: list[int] = (1, 16),
     competitors: bool = True,
-    new_tokens: int = 256,
+    new_tokens: int | None = None,
     threads: int | None = None,
     progress: bool = True,
 ) -> dict:
+    codes = load_config(model.path).vqgan.num_codes_per_image
+    new_tokens = min(new_tokens or codes, codes)  # an image prompt has room for one face
     kinds = [f"{b}:{p}" for b, p in configs] + list(COMPETITORS if competitors else ())
     jobs = [(k, b) for k in kinds for b in batches] + [("reference", 1)]
     rows, skipped = [], {}

@@ -71,7 +71,9 @@ def add_scenarios(bench: argparse._SubParsersAction, handler) -> None:
     p = bench.add_parser("memory", help="peak RSS and KV bytes, each config in a fresh process")
     _common(p, FACERT_CONFIGS, ["batches", "competitors", "new_tokens"])
     p.add_argument("--batches", type=_numbers(int), default=[1, 16], help="default 1,16")
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens drawn per row (256)")
+    p.add_argument(
+        "--new-tokens", type=int, help="tokens drawn per row (default and most: one face's codes)"
+    )
 
     for name in ("tasks", "throughput", "memory"):
         bench.choices[name].add_argument(

@@ -97,9 +97,9 @@ def markdown(result: dict) -> str:
         "### throughput: image tokens/s over a batch sweep\n",
         machine_line(result["machine"]),
         "",
-        "Each row of a batch draws 256 tokens (one face's codes) after the same prompt length, "
-        "sampling top-k 70; LM only, no VQGAN. One timed run per cell after a warm-up. Ceiling: "
-        "batch x read bandwidth / step weight bytes (the decode floor as a rate).",
+        "Each row of a batch draws one face's codes after the same prompt length, sampling "
+        "top-k 70; LM only, no VQGAN. One timed run per cell after a warm-up. Ceiling: batch x "
+        "read bandwidth / step weight bytes (the decode floor as a rate).",
     ]
     for m in result["models"]:
         names = list(dict.fromkeys(r["contestant"] for r in m["rows"]))
@@ -114,7 +114,7 @@ def markdown(result: dict) -> str:
             body.append([f"ceiling: {name} ({c['weight_bytes'] / 1e6:.0f} MB/step)",
                          *c["tokens_per_s"], *([None] * len(m["batches"]))])  # fmt: skip
         lines += [
-            f"\n#### model {m['model']} (prompt {m['prompt_len']} ids, "
+            f"\n#### model {m['model']} ({m['new_tokens']} codes after {m['prompt_len']} ids, "
             f"read bandwidth {m['bandwidth_gb_s']:.1f} GB/s)\n",
             table(head, body),
             "",

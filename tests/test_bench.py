@@ -133,3 +133,11 @@ def test_scenario_end_to_end_writes_json_markdown_and_plot(
         assert "matplotlib is not installed" in printed
     else:
         assert (tmp_path / f"{scenario}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decode_scenario_states_the_machine(tiny_model_dir, tmp_path):
+    args = ["bench", "decode", "--model", str(tiny_model_dir), "--configs", "onnxruntime:fp32"]
+    assert main([*args, "--steps", "2", "-o", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert result["rows"][0]["floor_ms"] > 0
+    assert "Machine: " in (tmp_path / "decode.md").read_text()
