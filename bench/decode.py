@@ -59,6 +59,12 @@ def time_decode(model: FaceModel, steps: int) -> list[float]:
     return times
 
 
+def decode_path(model: FaceModel) -> str:
+    if model.backend.name != "onnxruntime":
+        return model.backend.name
+    return "fused kernel" if model.backend.fused_decoder else "lm_decode graph"
+
+
 def model_step_bytes(model: FaceModel) -> int:
     """Weight bytes one image decode step of this model's backend reads."""
     if model.backend.name == "onnxruntime":
@@ -70,28 +76,30 @@ def model_step_bytes(model: FaceModel) -> int:
 
 def run(
     model_dir: Path,
-    configs: list[tuple[str, str]],
+    configs: list[tuple[str, ...]],
     steps: int = 40,
     rounds: int = 3,
     threads: int | None = None,
     progress=None,
 ) -> dict:
-    """Time (backend, precision) configs side by side: every config is loaded first, then the
-    rounds interleave them, so a noisy neighbour or frequency change hits all of them alike."""
+    """Time (backend, precision[, decode]) configs side by side: every config is loaded first,
+    then the rounds interleave them, so a noisy neighbour or frequency change hits all of them
+    alike. `decode` is the ONNX Runtime backend's decode path (fused kernel or lm_decode graph)."""
     models = {}
-    for backend, precision in configs:
+    for c in configs:
         if progress:
-            progress(f"loading {backend} {precision}")
-        models[(backend, precision)] = FaceModel(
+            progress(f"loading {' '.join(c)}")
+        models[c] = FaceModel(
             model_dir,
-            backend=backend,
-            precision=precision,
+            backend=c[0],
+            precision=c[1],
+            decode=c[2] if len(c) > 2 else "auto",
             threads=threads,
             num_slots=1,
             progress=False,
         )
     bandwidth = read_bandwidth()
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
+    times: dict[tuple[str, ...], list[float]] = {c: [] for c in configs}
     for r in range(rounds):
         for c in configs:
             if progress:
@@ -104,7 +112,8 @@ def run(
         step, weight_bytes = statistics.median(times[c]), model_step_bytes(models[c])
         floor = weight_bytes / bandwidth["bytes_per_s"]
         rows.append({
-            "backend": c[0], "precision": c[1], "step_ms": step * 1e3,
+            "backend": c[0], "precision": c[1], "decode": decode_path(models[c]),
+            "step_ms": step * 1e3,
             "p10_ms": float(np.percentile(times[c], 10)) * 1e3,
             "p90_ms": float(np.percentile(times[c], 90)) * 1e3,
             "weight_mb": weight_bytes / 1e6, "floor_ms": floor * 1e3,
@@ -125,12 +134,13 @@ def markdown(result: dict) -> str:
         "",
         machine_line(result["machine"]),
         "",
-        "| backend | precision | step ms | p10–p90 ms | weights MB | floor ms | × floor |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | precision | decode step | step ms | p10–p90 ms | weights MB | floor ms "
+        "| × floor |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['backend']} | {r['precision']} | {r['step_ms']:.2f} "
+            f"| {r['backend']} | {r['precision']} | {r['decode']} | {r['step_ms']:.2f} "
             f"| {r['p10_ms']:.2f}–{r['p90_ms']:.2f} | {r['weight_mb']:.0f} "
             f"| {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} |"
         )

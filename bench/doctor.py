@@ -2,7 +2,8 @@
 
 It proves parity where the device is, not in our CI: every ONNX Runtime execution provider found
 on this machine, at each precision it supports, runs the same prompt as the reference and must
-agree within the bounds the test suite uses; then it times a decode step and one generated face.
+agree within the bounds the test suite uses, on a full forward and on the decode path (the fused
+CPU kernel or the lm_decode graph, teacher-forced); then it times a decode step and one face.
 The reference is the exact PyTorch model when torch is installed, else the CPU fp32 graphs (which
 CI checks against the PyTorch model and TencentPretrain's golden logits).
 """
@@ -19,6 +20,8 @@ import onnxruntime as ort
 from facert.runtime.model import FaceModel
 from facert.runtime.sequence import GREEDY
 
+from .decode import decode_path
+
 # Same bounds as tests/test_onnxruntime.py: fp32 logits within 1e-4 of the largest |logit| and
 # identical top-1; reduced precisions by top-1 agreement with fp32.
 MIN_TOP1 = {"fp32": 1.0, "fp16": 0.99, "int8": 0.9, "int4": 0.7}
@@ -33,6 +36,7 @@ PROMPT = "a smiling young woman with long blond hair and glasses"
 class Check:
     provider: str
     precision: str
+    decode: str = ""
     top1: float = float("nan")
     rel_error: float = float("nan")
     decode_ms: float = float("nan")
@@ -62,6 +66,18 @@ def _probe_sequence(model: FaceModel) -> tuple[np.ndarray, np.ndarray]:
     model.engine.run([seq])
     ids = np.concatenate([seq.prompt_ids, seq.generated])
     return ids, np.concatenate([seq.prompt_segs, np.full(len(seq.generated), 2)])
+
+
+def _decoded_logits(model: FaceModel, ids: np.ndarray, segs: np.ndarray) -> np.ndarray:
+    """Logits of the generated positions through prefill + one decode step each (the KV-cache
+    path, e.g. the fused CPU kernel), teacher-forced: (L - n, V)."""
+    backend, vocab = model.backend, (0, model.config.lm.vocab_size)
+    slot = np.zeros(1, dtype=np.int64)
+    n = int((segs == 1).sum())
+    backend.prefill(slot, [ids[:n]], [segs[:n]], vocab)
+    return np.stack(
+        [backend.decode(slot, ids[p : p + 1], np.array([p]), vocab)[0] for p in range(n, len(ids))]
+    )
 
 
 def _decode_ms(model: FaceModel, ids: np.ndarray, segs: np.ndarray, steps: int = 20) -> float:
@@ -99,9 +115,14 @@ def run(model_dir: Path, progress=None) -> tuple[str, list[Check]]:
             model = FaceModel(
                 model_dir, precision=precision, providers=[provider], num_slots=1, progress=False
             )
-            logits = model.forward_logits(ids, segs)
-            check.top1 = float(np.mean(np.argmax(logits, 1) == np.argmax(ref_logits, 1)))
-            check.rel_error = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
+            n = int((segs == 1).sum())  # full forward, then the decode path for the codes
+            logits = np.concatenate(
+                [model.forward_logits(ids, segs), _decoded_logits(model, ids, segs)]
+            )
+            ref = np.concatenate([ref_logits, ref_logits[n:]])
+            check.decode = decode_path(model)
+            check.top1 = float(np.mean(np.argmax(logits, 1) == np.argmax(ref, 1)))
+            check.rel_error = float(np.abs(logits - ref).max() / np.abs(ref).max())
             check.decode_ms = _decode_ms(model, ids, segs)
             t = time.perf_counter()
             model.generate_faces(PROMPT, n=1, seed=0)
@@ -114,13 +135,15 @@ def run(model_dir: Path, progress=None) -> tuple[str, list[Check]]:
 
 def table(checks: list[Check]) -> str:
     lines = [
-        "| provider | precision | top-1 agreement | max rel. error | decode ms | one face s | |",
-        "|---|---|---|---|---|---|---|",
+        "| provider | precision | decode step | top-1 agreement | max rel. error | decode ms "
+        "| one face s | |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in checks:
         verdict = "PASS" if c.passed else f"FAIL {c.error}".strip()
         lines.append(
-            f"| {c.provider.removesuffix('ExecutionProvider')} | {c.precision} | {c.top1:.4f} "
+            f"| {c.provider.removesuffix('ExecutionProvider')} | {c.precision} "
+            f"| {c.decode or '—'} | {c.top1:.4f} "
             f"| {c.rel_error:.2e} | {c.decode_ms:.2f} | {c.face_s:.2f} | {verdict} |"
         )
     return "\n".join(lines)

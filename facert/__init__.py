@@ -26,7 +26,9 @@ def load(model_dir: str | Path | None = None, **options: Any) -> FaceModel:
     backend: "onnxruntime" (default; torch-free, exports the ONNX graphs on first use) or
     "torch" (the exact reference model). ONNX Runtime settings: precision (fp32, fp16, int8,
     int4), engine_dir (exported graphs to use), providers (e.g. ["CUDAExecutionProvider"]),
-    threads (intra-op threads). num_slots: how many sequences decode together. progress: show a
+    threads (intra-op threads), decode ("auto": decode steps run facert's fused CPU kernel on
+    the CPU provider in fp32 and int8, the exported lm_decode graph otherwise; "fused" or
+    "graph" to insist). num_slots: how many sequences decode together. progress: show a
     progress bar while exporting.
     """
     return FaceModel(BUNDLED_MODEL if model_dir is None else model_dir, **options)

@@ -9,6 +9,12 @@ from pathlib import Path
 
 from facert.runtime.errors import FacertError
 
+# the fused decode kernel beside ONNX Runtime's lm_decode graph, then int4 and torch
+DECODE_CONFIGS = (
+    "onnxruntime:fp32,onnxruntime:fp32:graph,onnxruntime:int8,onnxruntime:int8:graph,"
+    "onnxruntime:int4,torch:fp32"
+)
+
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="facert model directory (default: the bundled model)")
@@ -189,9 +195,12 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     else:
         model_dir = Path(args.model)
     configs = [tuple(c.split(":")) for c in args.configs.split(",")]
-    bad = [c for c in configs if len(c) != 2]
+    bad = [c for c in configs if len(c) not in (2, 3)]
     if bad:
-        raise FacertError(f"configs are BACKEND:PRECISION, e.g. onnxruntime:int8; got {bad}")
+        raise FacertError(
+            f"configs are BACKEND:PRECISION[:DECODE], e.g. onnxruntime:int8 or "
+            f"onnxruntime:fp32:graph; got {bad}"
+        )
     with tqdm(total=len(configs), desc="decode", file=sys.stderr) as bar:
         result = decode.run(model_dir, configs, steps=args.steps, threads=args.threads,
                             progress=lambda c: (bar.set_postfix_str(c), bar.update()))  # fmt: skip
@@ -316,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--configs",
-        default="onnxruntime:fp32,onnxruntime:int8,onnxruntime:int4,torch:fp32",
-        help="comma-separated BACKEND:PRECISION to time side by side",
+        default=DECODE_CONFIGS,
+        help="comma-separated BACKEND:PRECISION[:DECODE] to time side by side; DECODE is the "
+        "onnxruntime decode path, fused (the CPU kernel) or graph (lm_decode)",
     )
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")

@@ -61,6 +61,7 @@ class FaceModel:
         engine_dir: str | Path | None = None,
         providers: list[str] | None = None,
         threads: int | None = None,
+        decode: str = "auto",
         num_slots: int = DEFAULT_SLOTS,
         progress: bool = True,
     ):
@@ -70,7 +71,7 @@ class FaceModel:
         self.backend = create_backend(
             backend, self.model_dir, self.config, precision=precision,
             engine_dir=Path(engine_dir) if engine_dir else None, providers=providers,
-            threads=threads, progress=progress,
+            threads=threads, decode=decode, progress=progress,
         )  # fmt: skip
         self.image_tokenizer = ImageTokenizer(self.backend, self.config)
         self.templates = Templates(self.config, self.tokenizer)

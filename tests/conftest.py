@@ -50,12 +50,14 @@ def tiny_model(tiny_model_dir):
     return facert.load(tiny_model_dir, backend="torch")
 
 
-@pytest.fixture(scope="session", params=["torch", "onnxruntime"])
+@pytest.fixture(scope="session", params=["torch", "onnxruntime", "onnxruntime-graph"])
 def any_model(request, tiny_model_dir):
-    """The public API must behave the same on every backend."""
+    """The public API must behave the same on every backend and decode path (onnxruntime decodes
+    with the fused CPU kernel by default, or with its exported lm_decode graph)."""
     import facert
 
-    return facert.load(tiny_model_dir, backend=request.param, progress=False)
+    backend, _, decode = request.param.partition("-")
+    return facert.load(tiny_model_dir, backend=backend, decode=decode or "auto", progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ModelConfig
+from ..config import LM_FILE, ModelConfig
 from ..errors import FacertError
 from .base import Backend
 
@@ -20,16 +20,21 @@ def create_backend(
     engine_dir: Path | None = None,
     providers: list[str] | None = None,
     threads: int | None = None,
+    decode: str = "auto",
     progress: bool = True,
 ) -> Backend:
     """Instantiate a backend by name; heavy imports (torch, onnxruntime) happen only here.
-    `precision`, `engine_dir`, `providers` and `threads` are ONNX Runtime settings."""
+    `precision`, `engine_dir`, `providers`, `threads` and `decode` are ONNX Runtime settings:
+    decode steps run facert's fused CPU kernel ("fused"; "auto" where it applies: CPU provider,
+    fp32 or int8) or the exported lm_decode graph ("graph")."""
     if name == "onnxruntime":
         from ..onnx_engines import resolve_engine
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         engine = resolve_engine(model_dir, precision, engine_dir, progress)
-        return OnnxRuntimeBackend(engine, config, providers=providers, threads=threads)
+        fused = fused_decoder(model_dir, config, precision, providers, threads, decode)
+        return OnnxRuntimeBackend(engine, config, providers=providers, threads=threads,
+                                  fused_decoder=fused)  # fmt: skip
     if name == "torch":
         try:
             from .torch_backend import TorchBackend
@@ -37,3 +42,34 @@ def create_backend(
             raise FacertError("the torch backend needs PyTorch: pip install 'facert[torch]'") from e
         return TorchBackend(model_dir, config)
     raise FacertError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+DECODE_CHOICES = ("auto", "fused", "graph")
+
+
+def fused_decoder(
+    model_dir: Path,
+    config: ModelConfig,
+    precision: str,
+    providers: list[str] | None,
+    threads: int | None,
+    decode: str,
+):
+    """The fused CPU decode kernel over the model's weights, or None for the lm_decode graph."""
+    from facert.kernels.decode import PRECISIONS, FusedDecoder
+
+    if decode not in DECODE_CHOICES:
+        raise FacertError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
+    cpu_only = all(p == "CPUExecutionProvider" for p in providers or ["CPUExecutionProvider"])
+    applies = cpu_only and precision in PRECISIONS
+    if decode == "graph" or (decode == "auto" and not applies):
+        return None
+    if not applies:
+        raise FacertError(
+            f"the fused decode kernel runs on the CPU provider in {' or '.join(PRECISIONS)}; "
+            f"use decode='graph' for {precision} on {', '.join(providers or [])}"
+        )
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(model_dir / LM_FILE))
+    return FusedDecoder(weights, config.lm.n_head, config.lm.layernorm_eps, precision, threads)

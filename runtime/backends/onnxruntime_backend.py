@@ -1,10 +1,13 @@
 """ONNX Runtime backend: the embedded default. torch-free.
 
 The KV cache is one numpy array per keys/values, (layers, slots, heads, capacity, head_dim),
-allocated once. A decode step binds each layer's rows in place (IO binding, no copies) and
-GroupQueryAttention writes the new position straight into them. That needs the step's rows to be
-slots 0..B-1 in order; any other slot set is gathered into a temporary prefix (only the
-positions in use) and the new position scattered back.
+allocated once. On the CPU provider in fp32 and int8, decode steps run facert's fused kernel
+(kernels/cpu/decode.cpp) straight on these arrays: ONNX Runtime's matrix-vector products at
+batch 1 fall well short of memory bandwidth. Otherwise a decode step runs the lm_decode graph,
+binding each layer's rows in place (IO binding, no copies); GroupQueryAttention writes the new
+position straight into them. That needs the step's rows to be slots 0..B-1 in order; any other
+slot set is gathered into a temporary prefix (only the positions in use) and the new position
+scattered back.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from facert.kernels.decode import FusedDecoder
 
 from ..config import ModelConfig
 from ..errors import FacertError
@@ -49,8 +54,10 @@ class OnnxRuntimeBackend:
         config: ModelConfig,
         providers: list[str] | None = None,
         threads: int | None = None,
+        fused_decoder: FusedDecoder | None = None,
     ):
         self.config, self.engine_dir = config, Path(engine_dir)
+        self.fused_decoder = fused_decoder
         self.providers = providers or ["CPUExecutionProvider"]
         check_providers(self.providers)
         so = session_options(threads)
@@ -128,6 +135,10 @@ class OnnxRuntimeBackend:
     ) -> np.ndarray:
         B = len(slots)
         positions = np.asarray(positions, dtype=np.int64)
+        if self.fused_decoder is not None:
+            return self.fused_decoder.step(
+                self.k_cache, self.v_cache, slots, tokens, positions, window
+            )
         if np.array_equal(slots, np.arange(B)):
             binding = self._binding(self.k_cache[:, :B], self.v_cache[:, :B])  # in place
             hidden = binding.run(tokens, positions)

@@ -1,0 +1,458 @@
+// Fused decode step of the Talk2Face LM on CPUs.
+//
+// Decoding one token is memory-bound: the step's floor is the bytes of weights read divided by
+// memory bandwidth. One call runs the whole step (embeddings, every layer, final LayerNorm and
+// the vocabulary-window head) for a batch of rows, each with its own cache slot and position,
+// and reads every weight matrix exactly once, split by output rows across a small persistent
+// thread pool. Weights are float32, or int8 per output row (symmetric) with the activations
+// quantized per row on the fly; on CPUs with AVX512-VNNI the int8 dot products use vpdpbusd.
+// The math is that of facert.export.lm (TencentPretrain's LayerNorm, gelu_fast, scores divided
+// by sqrt(head_dim)); the KV cache is the runtime's (layers, slots, heads, capacity, head_dim)
+// float32 array, written in place at each row's position.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && !defined(FACERT_PORTABLE)  // FACERT_PORTABLE: build as on other CPUs
+#include <immintrin.h>
+#define FACERT_X86 1
+#define FACERT_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define FACERT_CLONES
+#endif
+
+#define FACERT_API extern "C" __attribute__((visibility("default")))
+
+extern "C" {
+// y = W x + b with W (out, in) row-major: float32, or int8 when `scale` is set.
+struct facert_linear {
+  const void* weight;
+  const float* scale;      // (out,) int8 row scales, or null for float32
+  const int32_t* row_sum;  // (out,) sum of each int8 row (unsigned-activation correction)
+  const float* bias;       // (out,) or null
+  int32_t out, in;
+};
+
+struct facert_layer {
+  const float* ln1_weight;
+  const float* ln1_bias;
+  facert_linear qkv;  // (3C, C): q, k, v stacked
+  facert_linear proj;
+  const float* ln2_weight;
+  const float* ln2_bias;
+  facert_linear fc;
+  facert_linear fc_proj;
+};
+
+struct facert_lm {
+  int32_t n_layer, n_head, n_embd, n_ffn, decode_segment;
+  float eps;
+  const float* wte;  // (V, C)
+  const float* wpe;  // (P, C)
+  const float* wse;  // (3, C)
+  const facert_layer* layers;
+  const float* lnf_weight;
+  const float* lnf_bias;
+  facert_linear head;  // (V, C), no bias
+};
+}
+
+namespace {
+
+// ---- thread pool: the caller plus persistent workers, woken once per parallel region ----
+
+class Pool {
+ public:
+  ~Pool() { resize(1); }
+
+  void resize(int threads) {
+    if (threads == parts_) return;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+    stop_ = false;
+    parts_ = threads;
+    const uint64_t now = generation_.load();
+    for (int i = 1; i < threads; i++) workers_.emplace_back([this, i, now] { loop(i, now); });
+  }
+
+  // fn(part, parts) on every thread; returns when all have finished.
+  void run(const std::function<void(int, int)>& fn) {
+    if (workers_.empty()) return fn(0, 1);
+    task_ = &fn;
+    pending_.store(parts_ - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    fn(0, parts_);
+    while (pending_.load(std::memory_order_acquire) > 0) relax();
+  }
+
+ private:
+  static void relax() {
+#if FACERT_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  // Spin a while for the next region (a decode step has ~6 per layer, microseconds apart),
+  // then sleep so an idle runtime costs no CPU.
+  void loop(int part, uint64_t seen) {
+    for (;;) {
+      for (int spin = 0; spin < kSpins && generation_.load(std::memory_order_acquire) == seen;
+           spin++)
+        relax();
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
+        if (stop_) return;
+      }
+      (*task_)(part, parts_);
+      pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  static constexpr int kSpins = 1 << 16;
+  std::vector<std::thread> workers_;
+  int parts_ = 1;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  bool stop_ = false;
+  const std::function<void(int, int)>* task_ = nullptr;
+  std::atomic<int> pending_{0};
+};
+
+Pool& pool() {
+  static Pool p;
+  return p;
+}
+
+// ---- matrix-vector products over a slice of output rows ----
+
+constexpr int kLanes = 16;
+
+// Inlined into its callers, which carry the target clones.
+inline __attribute__((always_inline)) float dot_f32(const float* w, const float* x, int K) {
+  float acc[kLanes] = {};
+  int k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int j = 0; j < kLanes; j++) acc[j] += w[k + j] * x[k + j];
+  float s = 0.0f;
+  for (; k < K; k++) s += w[k] * x[k];
+  for (int j = 0; j < kLanes; j++) s += acc[j];
+  return s;
+}
+
+// Four rows against one vector: each weight byte is loaded once.
+FACERT_CLONES
+void dot4_f32(const float* w, const float* x, int K, float* out) {
+  float a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+  const float *r0 = w, *r1 = w + K, *r2 = w + 2 * K, *r3 = w + 3 * K;
+  int k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    // Prefetch the next block as fast as this one is read: 4 rows x 64 bytes per iteration.
+    for (int j = 0; j < kLanes; j++) {
+      float xv = x[k + j];
+      a0[j] += r0[k + j] * xv;
+      a1[j] += r1[k + j] * xv;
+      a2[j] += r2[k + j] * xv;
+      a3[j] += r3[k + j] * xv;
+    }
+  }
+  float s[4] = {};
+  for (; k < K; k++) {
+    s[0] += r0[k] * x[k];
+    s[1] += r1[k] * x[k];
+    s[2] += r2[k] * x[k];
+    s[3] += r3[k] * x[k];
+  }
+  for (int j = 0; j < kLanes; j++) {
+    s[0] += a0[j];
+    s[1] += a1[j];
+    s[2] += a2[j];
+    s[3] += a3[j];
+  }
+  for (int r = 0; r < 4; r++) out[r] = s[r];
+}
+
+// int8: sum_k xu[k] * w[k] with xu = xq + 128 unsigned (the caller subtracts 128 * row_sum).
+FACERT_CLONES
+int32_t dot_u8s8_portable(const int8_t* w, const uint8_t* xu, int K) {
+  int32_t acc[kLanes] = {};
+  int k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int j = 0; j < kLanes; j++) acc[j] += int32_t(xu[k + j]) * int32_t(w[k + j]);
+  int32_t s = 0;
+  for (; k < K; k++) s += int32_t(xu[k]) * int32_t(w[k]);
+  for (int j = 0; j < kLanes; j++) s += acc[j];
+  return s;
+}
+
+#if FACERT_X86
+// GCC 12 warns about an intentionally undefined register inside its own reduce intrinsic.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void dot4_u8s8_vnni(const int8_t* w, const uint8_t* xu, int K, int32_t* out) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (int k = 0; k < K; k += 64) {
+    for (int line = 0; line < 4; line++)  // the next 4 rows, as fast as these are read
+      _mm_prefetch(reinterpret_cast<const char*>(w + 4 * K + 4 * k + 64 * line), _MM_HINT_T0);
+    __m512i x = _mm512_loadu_si512(xu + k);
+    a0 = _mm512_dpbusd_epi32(a0, x, _mm512_loadu_si512(w + k));
+    a1 = _mm512_dpbusd_epi32(a1, x, _mm512_loadu_si512(w + K + k));
+    a2 = _mm512_dpbusd_epi32(a2, x, _mm512_loadu_si512(w + 2 * K + k));
+    a3 = _mm512_dpbusd_epi32(a3, x, _mm512_loadu_si512(w + 3 * K + k));
+  }
+  out[0] = _mm512_reduce_add_epi32(a0);  // in registers: a store and reload stalls
+  out[1] = _mm512_reduce_add_epi32(a1);
+  out[2] = _mm512_reduce_add_epi32(a2);
+  out[3] = _mm512_reduce_add_epi32(a3);
+}
+#pragma GCC diagnostic pop
+
+bool has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512vnni") &&
+                          __builtin_cpu_supports("avx512bw");
+  return yes;
+}
+#endif
+
+std::atomic<bool> allow_vnni{true};  // off: the portable int8 path, for tests on VNNI machines
+
+bool use_vnni() {
+#if FACERT_X86
+  return has_vnni() && allow_vnni.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+// The input rows of a product, float32 or quantized per row for int8 weights.
+struct Inputs {
+  const float* x;        // (B, K)
+  const uint8_t* xu;     // (B, K) quantized + 128, int8 weights only
+  const float* x_scale;  // (B,)
+  int B, K;
+};
+
+// y[b, n] = W[n] . x[b] + bias[n] for rows n in [n0, n1), then epilogue(b, n, value).
+template <typename Epilogue>
+void linear_rows(const facert_linear& L, const Inputs& in, int n0, int n1, Epilogue epilogue) {
+  const int K = L.in;
+  float vals[4];
+  for (int n = n0; n < n1; n += 4) {
+    const int rows = std::min(4, n1 - n);
+    for (int b = 0; b < in.B; b++) {
+      if (L.scale == nullptr) {
+        const float* w = static_cast<const float*>(L.weight) + int64_t(n) * K;
+        if (rows == 4) {
+          dot4_f32(w, in.x + int64_t(b) * K, K, vals);
+        } else {
+          for (int r = 0; r < rows; r++) vals[r] = dot_f32(w + int64_t(r) * K, in.x + b * K, K);
+        }
+      } else {
+        const int8_t* w = static_cast<const int8_t*>(L.weight) + int64_t(n) * K;
+        const uint8_t* xu = in.xu + int64_t(b) * K;
+        int32_t dots[4];
+#if FACERT_X86
+        if (rows == 4 && K % 64 == 0 && use_vnni()) {
+          dot4_u8s8_vnni(w, xu, K, dots);
+        } else
+#endif
+        {
+          for (int r = 0; r < rows; r++) dots[r] = dot_u8s8_portable(w + int64_t(r) * K, xu, K);
+        }
+        for (int r = 0; r < rows; r++)
+          vals[r] = float(dots[r] - 128 * L.row_sum[n + r]) * L.scale[n + r] * in.x_scale[b];
+      }
+      for (int r = 0; r < rows; r++)
+        epilogue(b, n + r, vals[r] + (L.bias ? L.bias[n + r] : 0.0f));
+    }
+  }
+}
+
+// Quantize each input row symmetrically to int8 (stored + 128 as uint8) when L is int8.
+FACERT_CLONES
+void quantize_row(const float* x, int K, uint8_t* xu, float* scale) {
+  float top[kLanes] = {};
+  int k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int j = 0; j < kLanes; j++) top[j] = std::max(top[j], std::fabs(x[k + j]));
+  float amax = 0.0f;
+  for (; k < K; k++) amax = std::max(amax, std::fabs(x[k]));
+  for (int j = 0; j < kLanes; j++) amax = std::max(amax, top[j]);
+  const float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+  for (k = 0; k < K; k++)  // round half away from zero, then shift to unsigned
+    xu[k] = uint8_t(int(x[k] * inv + std::copysign(0.5f, x[k])) + 128);
+  *scale = s;
+}
+
+void quantize_inputs(const facert_linear& L, Inputs* in, std::vector<uint8_t>* xu,
+                     std::vector<float>* scale) {
+  if (L.scale == nullptr) return;
+  xu->resize(int64_t(in->B) * in->K);
+  scale->resize(in->B);
+  for (int b = 0; b < in->B; b++)
+    quantize_row(in->x + int64_t(b) * in->K, in->K, xu->data() + int64_t(b) * in->K,
+                 scale->data() + b);
+  in->xu = xu->data();
+  in->x_scale = scale->data();
+}
+
+// Runs a product over all output rows on the pool. Threads take blocks of rows (~64 KB of
+// weights) from a shared counter: cores of a busy machine rarely stream at the same speed, and
+// a static split leaves the faster one waiting.
+template <typename Epilogue>
+void linear(const facert_linear& L, const float* x, int B, Epilogue epilogue) {
+  thread_local std::vector<uint8_t> xu;
+  thread_local std::vector<float> scale;
+  Inputs in{x, nullptr, nullptr, B, L.in};
+  quantize_inputs(L, &in, &xu, &scale);
+  const int64_t row_bytes = L.scale ? L.in : int64_t(L.in) * sizeof(float);
+  const int grain = int(std::max<int64_t>(4, (65536 / row_bytes) & ~int64_t(3)));
+  std::atomic<int> next{0};
+  pool().run([&](int, int) {
+    for (int n0; (n0 = next.fetch_add(grain, std::memory_order_relaxed)) < L.out;)
+      linear_rows(L, in, n0, std::min(L.out, n0 + grain), epilogue);
+  });
+}
+
+// ---- the small per-row operations ----
+
+// TencentPretrain's LayerNorm: gamma * (x - mean) / (std + eps) + beta, unbiased std.
+void layer_norm(const float* x, const float* g, const float* b, float eps, int C, float* out) {
+  double sum = 0.0;
+  for (int i = 0; i < C; i++) sum += x[i];
+  const float mean = float(sum / C);
+  double sq = 0.0;
+  for (int i = 0; i < C; i++) sq += double(x[i] - mean) * double(x[i] - mean);
+  const float stdev = float(std::sqrt(sq / (C - 1)));
+  for (int i = 0; i < C; i++) out[i] = g[i] * (x[i] - mean) / (stdev + eps) + b[i];
+}
+
+// tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|): libm's tanhf costs several times more.
+float gelu_fast(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  const float e = std::exp(-2.0f * std::fabs(u));
+  return 0.5f * x * (1.0f + std::copysign((1.0f - e) / (1.0f + e), u));
+}
+
+// One query against T cached positions of one head: softmax(q K^T / sqrt(D)) V -> out (D,).
+FACERT_CLONES
+void attend(const float* q, const float* keys, const float* values, int T, int D, float* scores,
+            float* out) {
+  const float root = std::sqrt(float(D));
+  float top = -INFINITY;
+  for (int t = 0; t < T; t++) {
+    scores[t] = dot_f32(keys + int64_t(t) * D, q, D) / root;
+    top = std::max(top, scores[t]);
+  }
+  float total = 0.0f;
+  for (int t = 0; t < T; t++) total += (scores[t] = std::exp(scores[t] - top));
+  std::fill_n(out, D, 0.0f);
+  for (int t = 0; t < T; t++)
+    for (int d = 0; d < D; d++) out[d] += scores[t] * values[int64_t(t) * D + d];
+  for (int d = 0; d < D; d++) out[d] /= total;
+}
+
+}  // namespace
+
+// Allow (1) or forbid (0) the AVX512-VNNI int8 path; returns whether int8 products use it now.
+FACERT_API int facert_decode_vnni(int allow) {
+  allow_vnni.store(allow != 0);
+  return use_vnni();
+}
+
+// One decode step for `batch` rows. Row b appends token tokens[b] (segment `decode_segment`) at
+// position positions[b] of cache slot slots[b], attends to that slot's positions 0..pos, and
+// gets the logits of vocabulary ids [lo, hi) in logits (batch, hi - lo).
+// k_cache, v_cache: (n_layer, num_slots, n_head, capacity, head_dim) float32.
+// Returns 0, or 1 when an argument is out of range (nothing is written then).
+FACERT_API int facert_decode_step(const facert_lm* m, float* k_cache, float* v_cache,
+                                  int64_t num_slots, int64_t capacity, int32_t batch,
+                                  const int64_t* tokens, const int64_t* positions,
+                                  const int64_t* slots, int32_t lo, int32_t hi, float* logits,
+                                  int32_t threads) {
+  const int C = m->n_embd, H = m->n_head, D = C / H, F = m->n_ffn, B = batch;
+  if (B <= 0 || lo < 0 || hi > m->head.out || lo >= hi) return 1;
+  for (int b = 0; b < B; b++)
+    if (slots[b] < 0 || slots[b] >= num_slots || positions[b] < 0 || positions[b] >= capacity ||
+        tokens[b] < 0 || tokens[b] >= m->head.out)
+      return 1;
+  pool().resize(std::max(1, threads));
+
+  std::vector<float> x(int64_t(B) * C), h(int64_t(B) * C), qkv(int64_t(B) * 3 * C),
+      att(int64_t(B) * C), ff(int64_t(B) * F);
+  for (int b = 0; b < B; b++)
+    for (int i = 0; i < C; i++)
+      x[b * C + i] = (m->wte[tokens[b] * C + i] + m->wpe[positions[b] * C + i]) +
+                     m->wse[int64_t(m->decode_segment) * C + i];
+
+  const int64_t slot_stride = int64_t(H) * capacity * D;
+  const int64_t layer_stride = num_slots * slot_stride;
+  for (int l = 0; l < m->n_layer; l++) {
+    const facert_layer& L = m->layers[l];
+    for (int b = 0; b < B; b++)
+      layer_norm(&x[b * C], L.ln1_weight, L.ln1_bias, m->eps, C, &h[b * C]);
+    linear(L.qkv, h.data(), B, [&](int b, int n, float v) { qkv[int64_t(b) * 3 * C + n] = v; });
+
+    // Write this position's keys/values, then attend over positions 0..pos of the slot.
+    float* kl = k_cache + l * layer_stride;
+    float* vl = v_cache + l * layer_stride;
+    for (int b = 0; b < B; b++)
+      for (int hd = 0; hd < H; hd++) {
+        const int64_t at = slots[b] * slot_stride + (int64_t(hd) * capacity + positions[b]) * D;
+        std::copy_n(&qkv[int64_t(b) * 3 * C + C + hd * D], D, kl + at);
+        std::copy_n(&qkv[int64_t(b) * 3 * C + 2 * C + hd * D], D, vl + at);
+      }
+    pool().run([&](int part, int parts) {
+      std::vector<float> scores(capacity);
+      for (int task = part; task < B * H; task += parts) {
+        const int b = task / H, hd = task % H;
+        const int64_t head = slots[b] * slot_stride + int64_t(hd) * capacity * D;
+        attend(&qkv[int64_t(b) * 3 * C + hd * D], kl + head, vl + head, int(positions[b]) + 1,
+               D, scores.data(), &att[int64_t(b) * C + hd * D]);
+      }
+    });
+    linear(L.proj, att.data(), B, [&](int b, int n, float v) { x[int64_t(b) * C + n] += v; });
+
+    for (int b = 0; b < B; b++)
+      layer_norm(&x[b * C], L.ln2_weight, L.ln2_bias, m->eps, C, &h[b * C]);
+    linear(L.fc, h.data(), B,
+           [&](int b, int n, float v) { ff[int64_t(b) * F + n] = gelu_fast(v); });
+    linear(L.fc_proj, ff.data(), B, [&](int b, int n, float v) { x[int64_t(b) * C + n] += v; });
+  }
+
+  for (int b = 0; b < B; b++)
+    layer_norm(&x[b * C], m->lnf_weight, m->lnf_bias, m->eps, C, &h[b * C]);
+  facert_linear window = m->head;  // rows [lo, hi) of the head
+  const int64_t row_bytes = m->head.scale ? C : int64_t(C) * sizeof(float);
+  window.weight = static_cast<const char*>(m->head.weight) + lo * row_bytes;
+  if (m->head.scale) {
+    window.scale += lo;
+    window.row_sum += lo;
+  }
+  window.out = hi - lo;
+  const int W = hi - lo;
+  linear(window, h.data(), B, [&](int b, int n, float v) { logits[int64_t(b) * W + n] = v; });
+  return 0;
+}

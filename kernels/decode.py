@@ -1,0 +1,163 @@
+"""Fused CPU decode step (kernels/cpu/decode.cpp): one call per step runs the whole LM for a
+batch of rows against the runtime's KV cache, reading each weight once.
+
+Weights come straight from a model directory's `lm.safetensors` (facert names). `int8` quantizes
+every matrix per output row, symmetric, here at load time (a second or two for the base model);
+the kernel quantizes activations per row on the fly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from functools import cache
+
+import numpy as np
+
+from . import cpu_library
+
+PRECISIONS = ("fp32", "int8")
+DECODE_SEGMENT = 2  # generated tokens are segment 2 in every template
+
+_ptr, _i32, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("weight", _ptr), ("scale", _ptr), ("row_sum", _ptr), ("bias", _ptr),
+                ("out", _i32), ("in_", _i32)]  # fmt: skip
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1_weight", _ptr), ("ln1_bias", _ptr), ("qkv", _Linear), ("proj", _Linear),
+                ("ln2_weight", _ptr), ("ln2_bias", _ptr), ("fc", _Linear),
+                ("fc_proj", _Linear)]  # fmt: skip
+
+
+class _LM(ctypes.Structure):
+    _fields_ = [("n_layer", _i32), ("n_head", _i32), ("n_embd", _i32), ("n_ffn", _i32),
+                ("decode_segment", _i32), ("eps", _f32), ("wte", _ptr), ("wpe", _ptr),
+                ("wse", _ptr), ("layers", ctypes.POINTER(_Layer)), ("lnf_weight", _ptr),
+                ("lnf_bias", _ptr), ("head", _Linear)]  # fmt: skip
+
+
+@cache
+def _kernel() -> Callable[..., int]:
+    fn = cpu_library().facert_decode_step
+    i64 = ctypes.c_int64
+    fn.argtypes = [ctypes.POINTER(_LM), _ptr, _ptr, i64, i64, _i32, _ptr, _ptr, _ptr, _i32, _i32,
+                   _ptr, _i32]  # fmt: skip
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float (N, K) -> int8 (N, K), per-row scales (N,) float32 and row sums (N,) int32, with
+    w ~= q * scale[:, None]."""
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # (N,)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)  # (N, K)
+    return q, scale, q.sum(axis=1, dtype=np.int32)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+class FusedDecoder:
+    """The LM's decode step on this CPU, over a (layers, slots, heads, capacity, head_dim)
+    float32 KV cache owned by the caller."""
+
+    def __init__(
+        self,
+        weights: dict[str, np.ndarray],
+        n_head: int,
+        eps: float,
+        precision: str = "fp32",
+        threads: int | None = None,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"the fused decoder runs {PRECISIONS}, not {precision!r}")
+        self.precision, self.threads = precision, threads or default_threads()
+        self._keep: list[np.ndarray] = []  # every buffer the kernel points into
+        n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+        wte = weights["wte.weight"]
+        self.vocab_size, n_embd = wte.shape
+        n_ffn = weights["blocks.0.mlp.fc.weight"].shape[0]
+        layers = (_Layer * n_layer)()
+        for i, layer in enumerate(layers):
+            p = f"blocks.{i}."
+            layer.ln1_weight, layer.ln1_bias = self._vectors(weights, p + "ln_1")
+            qkv = [weights[f"{p}attn.{n}.weight"] for n in "qkv"]
+            qkv_bias = [weights[f"{p}attn.{n}.bias"] for n in "qkv"]
+            layer.qkv = self._linear(np.concatenate(qkv), np.concatenate(qkv_bias))  # (3C, C)
+            layer.proj = self._linear(*self._pair(weights, p + "attn.proj"))
+            layer.ln2_weight, layer.ln2_bias = self._vectors(weights, p + "ln_2")
+            layer.fc = self._linear(*self._pair(weights, p + "mlp.fc"))
+            layer.fc_proj = self._linear(*self._pair(weights, p + "mlp.proj"))
+        lnf = self._vectors(weights, "ln_f")
+        self._lm = _LM(
+            n_layer, n_head, n_embd, n_ffn, DECODE_SEGMENT, eps, self._float(wte),
+            self._float(weights["wpe.weight"]), self._float(weights["wse.weight"]), layers,
+            *lnf, self._linear(weights["lm_head.weight"], None),
+        )  # fmt: skip
+        self._layers = layers
+
+    def _float(self, a: np.ndarray) -> int:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        self._keep.append(a)
+        return a.ctypes.data
+
+    @staticmethod
+    def _pair(weights: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
+        return weights[name + ".weight"], weights[name + ".bias"]
+
+    def _vectors(self, weights: dict[str, np.ndarray], name: str) -> tuple[int, int]:
+        return tuple(self._float(a) for a in self._pair(weights, name))
+
+    def _linear(self, w: np.ndarray, bias: np.ndarray | None) -> _Linear:
+        out, in_ = w.shape
+        b = self._float(bias) if bias is not None else None
+        if self.precision == "fp32":
+            return _Linear(self._float(w), None, None, b, out, in_)
+        q, scale, row_sum = quantize_rows(np.asarray(w, dtype=np.float32))
+        self._keep += [q, scale, row_sum]
+        return _Linear(q.ctypes.data, scale.ctypes.data, row_sum.ctypes.data, b, out, in_)
+
+    def step(
+        self,
+        k_cache: np.ndarray,
+        v_cache: np.ndarray,
+        slots: np.ndarray,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        window: tuple[int, int],
+    ) -> np.ndarray:
+        """Append tokens (B,) at positions (B,) of slots (B,), writing their keys/values into the
+        caches in place; returns float32 (B, hi-lo) logits over vocabulary ids [lo, hi)."""
+        for kv in (k_cache, v_cache):
+            if kv.dtype != np.float32 or not kv.flags.c_contiguous or kv.ndim != 5:
+                raise ValueError("the KV cache must be C-contiguous float32 (L, S, H, M, D)")
+        slots, tokens, positions = (np.ascontiguousarray(a, dtype=np.int64)
+                                    for a in (slots, tokens, positions))  # fmt: skip
+        lo, hi = window
+        logits = np.empty((len(tokens), hi - lo), dtype=np.float32)  # (B, W)
+        status = _kernel()(
+            ctypes.byref(self._lm), k_cache.ctypes.data, v_cache.ctypes.data, k_cache.shape[1],
+            k_cache.shape[3], len(tokens), tokens.ctypes.data, positions.ctypes.data,
+            slots.ctypes.data, lo, hi, logits.ctypes.data, self.threads,
+        )  # fmt: skip
+        if status:
+            raise ValueError(
+                f"decode step out of range: slots {slots}, positions {positions}, tokens "
+                f"{tokens}, window {window} (cache {k_cache.shape}, vocabulary {self.vocab_size})"
+            )
+        return logits
+
+
+def allow_vnni(allow: bool) -> bool:
+    """Let int8 products use AVX512-VNNI where the CPU has it (the default), or force the portable
+    path; returns whether VNNI is in use now."""
+    fn = cpu_library().facert_decode_vnni
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return bool(fn(int(allow)))
