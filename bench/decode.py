@@ -103,7 +103,7 @@ def run(
     for r in range(rounds):
         for c in configs:
             if progress:
-                progress(f"round {r + 1}/{rounds}: {c[0]} {c[1]}")
+                progress(f"round {r + 1}/{rounds}: {' '.join(c)}")
             times[c] += time_decode(models[c], steps + 3)[3:]  # first steps warm caches
     after = read_bandwidth()
     bandwidth = {k: max(bandwidth[k], after[k]) for k in bandwidth}

@@ -47,6 +47,16 @@ def test_loads_with_no_path_from_its_shipped_engine(monkeypatch):
     assert m.config.attributes == {k: list(v) for k, v in ATTRIBUTES.items()}
 
 
+def test_ships_within_30_mb():
+    """What ships: the model files, the evaluation kit and the fp32 graphs (other precisions are
+    exported on first use into MODEL/onnx/ or the cache, and are not part of the package)."""
+    exported = [MODEL / "onnx" / p for p in ("int8", "int4", "fp16")]
+    shipped = [f for f in MODEL.rglob("*") if f.is_file()
+               and not any(d in f.parents for d in exported)]  # fmt: skip
+    assert {f.name for f in shipped} >= {"facert.json", "lm.safetensors", "weights.bin"}
+    assert sum(f.stat().st_size for f in shipped) <= 30_000_000
+
+
 def test_runs_without_torch(tmp_path):
     face = held_out(1, 64)[0][0]
     Image.fromarray(face).save(tmp_path / "face.png")

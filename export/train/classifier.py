@@ -108,9 +108,32 @@ def export(model: AttributeClassifier, path: Path) -> None:
         dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}}, opset_version=17, dynamo=False,
     )  # fmt: skip
     proto = onnx.load(str(path))
+    store_weights_in_half(proto.graph)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "attributes", json.dumps({n: list(v) for n, v in ATTRIBUTES.items()})
     onnx.save(proto, str(path))
+
+
+def store_weights_in_half(graph, min_size: int = 1024) -> None:
+    """Store the large float32 weights as float16, each cast back to float32 by a Cast node that
+    ONNX Runtime folds at load: halves the file, which ships inside the package (30 MB budget)."""
+    import onnx
+    from onnx import numpy_helper
+
+    casts = []
+    for tensor in list(graph.initializer):
+        if tensor.data_type != onnx.TensorProto.FLOAT or np.prod(tensor.dims) < min_size:
+            continue
+        half = numpy_helper.from_array(
+            numpy_helper.to_array(tensor).astype(np.float16), tensor.name + "_fp16"
+        )
+        graph.initializer.remove(tensor)
+        graph.initializer.append(half)
+        casts.append(
+            onnx.helper.make_node("Cast", [half.name], [tensor.name], to=onnx.TensorProto.FLOAT)
+        )
+    for node in reversed(casts):  # first in the graph: every consumer comes after its cast
+        graph.node.insert(0, node)
 
 
 def train(out_dir: Path, steps: int = STEPS) -> Path:

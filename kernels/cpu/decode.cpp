@@ -67,13 +67,21 @@ struct facert_lm {
 namespace {
 
 // ---- thread pool: the caller plus persistent workers, woken once per parallel region ----
+//
+// A region is `count` items handed out in blocks of `grain` from a shared counter, and the
+// caller works through them too. It never waits for a worker that has not started: on a busy
+// machine (another process, another library's spinning threads) a descheduled worker would
+// otherwise stall every region for a scheduler time slice. A late worker registers in `active_`
+// and then checks `closed_`; the caller closes the region and then waits for `active_` to drain
+// (both sequentially consistent), so a worker either joins before the close and is waited for,
+// or sees the close and leaves.
 
 class Pool {
  public:
   ~Pool() { resize(1); }
 
   void resize(int threads) {
-    if (threads == parts_) return;
+    if (threads == int(workers_.size()) + 1) return;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
@@ -83,27 +91,36 @@ class Pool {
     for (auto& t : workers_) t.join();
     workers_.clear();
     stop_ = false;
-    parts_ = threads;
     const uint64_t now = generation_.load();
-    for (int i = 1; i < threads; i++) workers_.emplace_back([this, i, now] { loop(i, now); });
+    for (int i = 1; i < threads; i++) workers_.emplace_back([this, now] { loop(now); });
   }
 
-  // fn(part, parts) on every thread; returns when all have finished.
-  void run(const std::function<void(int, int)>& fn) {
-    if (workers_.empty()) return fn(0, 1);
+  // fn(begin, end) over blocks of [0, count); returns when every item is done.
+  void run(int count, int grain, const std::function<void(int, int)>& fn) {
+    if (workers_.empty() || count <= grain) return fn(0, count);
     task_ = &fn;
-    pending_.store(parts_ - 1, std::memory_order_relaxed);
+    count_ = count;
+    grain_ = grain;
+    next_.store(0);
+    closed_.store(false);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      generation_.fetch_add(1, std::memory_order_release);
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
-    fn(0, parts_);
-    while (pending_.load(std::memory_order_acquire) > 0) relax();
+    work();
+    closed_.store(true);
+    for (int spin = 0; active_.load() > 0; spin++) relax(spin);
   }
 
  private:
-  static void relax() {
+  void work() {
+    for (int begin; (begin = next_.fetch_add(grain_, std::memory_order_relaxed)) < count_;)
+      (*task_)(begin, std::min(count_, begin + grain_));
+  }
+
+  static void relax(int spin) {
+    if (spin > kSpins) return std::this_thread::yield();
 #if FACERT_X86
     _mm_pause();
 #else
@@ -113,31 +130,31 @@ class Pool {
 
   // Spin a while for the next region (a decode step has ~6 per layer, microseconds apart),
   // then sleep so an idle runtime costs no CPU.
-  void loop(int part, uint64_t seen) {
+  void loop(uint64_t seen) {
     for (;;) {
-      for (int spin = 0; spin < kSpins && generation_.load(std::memory_order_acquire) == seen;
-           spin++)
-        relax();
+      for (int spin = 0; spin < kSpins && generation_.load() == seen; spin++) relax(spin);
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_.load() != seen; });
         seen = generation_.load();
         if (stop_) return;
       }
-      (*task_)(part, parts_);
-      pending_.fetch_sub(1, std::memory_order_release);
+      active_.fetch_add(1);
+      if (!closed_.load()) work();
+      active_.fetch_sub(1);
     }
   }
 
   static constexpr int kSpins = 1 << 16;
   std::vector<std::thread> workers_;
-  int parts_ = 1;
   std::mutex mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
   bool stop_ = false;
   const std::function<void(int, int)>* task_ = nullptr;
-  std::atomic<int> pending_{0};
+  int count_ = 0, grain_ = 1;
+  std::atomic<int> next_{0}, active_{0};
+  std::atomic<bool> closed_{true};
 };
 
 Pool& pool() {
@@ -150,6 +167,14 @@ Pool& pool() {
 constexpr int kLanes = 16;
 
 // Inlined into its callers, which carry the target clones.
+// Sum of the lanes by halves: shuffles and adds, not a chain of 16 scalar additions.
+template <typename T>
+inline __attribute__((always_inline)) T sum_lanes(T* acc) {
+  for (int half = kLanes / 2; half > 0; half /= 2)
+    for (int j = 0; j < half; j++) acc[j] += acc[j + half];
+  return acc[0];
+}
+
 inline __attribute__((always_inline)) float dot_f32(const float* w, const float* x, int K) {
   float acc[kLanes] = {};
   int k = 0;
@@ -157,8 +182,7 @@ inline __attribute__((always_inline)) float dot_f32(const float* w, const float*
     for (int j = 0; j < kLanes; j++) acc[j] += w[k + j] * x[k + j];
   float s = 0.0f;
   for (; k < K; k++) s += w[k] * x[k];
-  for (int j = 0; j < kLanes; j++) s += acc[j];
-  return s;
+  return s + sum_lanes(acc);
 }
 
 // Four rows against one vector: each weight byte is loaded once.
@@ -184,13 +208,10 @@ void dot4_f32(const float* w, const float* x, int K, float* out) {
     s[2] += r2[k] * x[k];
     s[3] += r3[k] * x[k];
   }
-  for (int j = 0; j < kLanes; j++) {
-    s[0] += a0[j];
-    s[1] += a1[j];
-    s[2] += a2[j];
-    s[3] += a3[j];
-  }
-  for (int r = 0; r < 4; r++) out[r] = s[r];
+  out[0] = s[0] + sum_lanes(a0);
+  out[1] = s[1] + sum_lanes(a1);
+  out[2] = s[2] + sum_lanes(a2);
+  out[3] = s[3] + sum_lanes(a3);
 }
 
 // int8: sum_k xu[k] * w[k] with xu = xq + 128 unsigned (the caller subtracts 128 * row_sum).
@@ -227,7 +248,43 @@ void dot4_u8s8_vnni(const int8_t* w, const uint8_t* xu, int K, int32_t* out) {
   out[2] = _mm512_reduce_add_epi32(a2);
   out[3] = _mm512_reduce_add_epi32(a3);
 }
+
+// Batches: four rows against four input vectors (stride K), each weight loaded once for all four.
+__attribute__((target("avx512f")))
+void dot4x4_f32_avx512(const float* w, const float* x, int K, float* out) {
+  __m512 acc[16];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 16) {
+    __m512 xb[4];
+    for (int b = 0; b < 4; b++) xb[b] = _mm512_loadu_ps(x + b * K + k);
+    for (int r = 0; r < 4; r++) {
+      const __m512 wr = _mm512_loadu_ps(w + r * K + k);
+      for (int b = 0; b < 4; b++) acc[4 * r + b] = _mm512_fmadd_ps(wr, xb[b], acc[4 * r + b]);
+    }
+  }
+  for (int rb = 0; rb < 16; rb++) out[rb] = _mm512_reduce_add_ps(acc[rb]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void dot4x4_u8s8_vnni(const int8_t* w, const uint8_t* xu, int K, int32_t* out) {
+  __m512i acc[16];
+  for (auto& a : acc) a = _mm512_setzero_si512();
+  for (int k = 0; k < K; k += 64) {
+    __m512i x[4];
+    for (int b = 0; b < 4; b++) x[b] = _mm512_loadu_si512(xu + b * K + k);
+    for (int r = 0; r < 4; r++) {
+      const __m512i wr = _mm512_loadu_si512(w + r * K + k);
+      for (int b = 0; b < 4; b++) acc[4 * r + b] = _mm512_dpbusd_epi32(acc[4 * r + b], x[b], wr);
+    }
+  }
+  for (int rb = 0; rb < 16; rb++) out[rb] = _mm512_reduce_add_epi32(acc[rb]);
+}
 #pragma GCC diagnostic pop
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
 
 bool has_vnni() {
   static const bool yes = __builtin_cpu_supports("avx512vnni") &&
@@ -246,6 +303,13 @@ bool use_vnni() {
 #endif
 }
 
+#if FACERT_X86
+// Whether batches take the 4 rows x 4 inputs AVX-512 kernels for this product.
+bool rows_of_four_by_four(bool int8, int K) {
+  return int8 ? K % 64 == 0 && use_vnni() : K % 16 == 0 && has_avx512();
+}
+#endif
+
 // The input rows of a product, float32 or quantized per row for int8 weights.
 struct Inputs {
   const float* x;        // (B, K)
@@ -255,37 +319,58 @@ struct Inputs {
 };
 
 // y[b, n] = W[n] . x[b] + bias[n] for rows n in [n0, n1), then epilogue(b, n, value).
+// y[b, n] = W[n] . x[b] + bias[n] for rows n in [n0, n1), then epilogue(b, n, value). Blocks
+// of 4 rows x 4 inputs where they fit (batches), else 4 rows x 1 input, else one row at a time.
 template <typename Epilogue>
 void linear_rows(const facert_linear& L, const Inputs& in, int n0, int n1, Epilogue epilogue) {
   const int K = L.in;
-  float vals[4];
+  const bool int8 = L.scale != nullptr;
+#if FACERT_X86
+  const bool wide = rows_of_four_by_four(int8, K);
+#else
+  const bool wide = false;
+#endif
+  float vals[16];
+  int32_t dots[16];
   for (int n = n0; n < n1; n += 4) {
     const int rows = std::min(4, n1 - n);
-    for (int b = 0; b < in.B; b++) {
-      if (L.scale == nullptr) {
-        const float* w = static_cast<const float*>(L.weight) + int64_t(n) * K;
+    const float* wf = static_cast<const float*>(L.weight) + int64_t(n) * K;
+    const int8_t* wq = static_cast<const int8_t*>(L.weight) + int64_t(n) * K;
+    for (int b = 0; b < in.B;) {
+      const int inputs = wide && rows == 4 && in.B - b >= 4 ? 4 : 1;  // vals[r * inputs + i]
+      if (!int8) {
+        const float* x = in.x + int64_t(b) * K;
+#if FACERT_X86
+        if (inputs == 4) {
+          dot4x4_f32_avx512(wf, x, K, vals);
+        } else
+#endif
         if (rows == 4) {
-          dot4_f32(w, in.x + int64_t(b) * K, K, vals);
+          dot4_f32(wf, x, K, vals);
         } else {
-          for (int r = 0; r < rows; r++) vals[r] = dot_f32(w + int64_t(r) * K, in.x + b * K, K);
+          for (int r = 0; r < rows; r++) vals[r] = dot_f32(wf + int64_t(r) * K, x, K);
         }
       } else {
-        const int8_t* w = static_cast<const int8_t*>(L.weight) + int64_t(n) * K;
         const uint8_t* xu = in.xu + int64_t(b) * K;
-        int32_t dots[4];
 #if FACERT_X86
-        if (rows == 4 && K % 64 == 0 && use_vnni()) {
-          dot4_u8s8_vnni(w, xu, K, dots);
+        if (inputs == 4) {
+          dot4x4_u8s8_vnni(wq, xu, K, dots);
+        } else if (rows == 4 && K % 64 == 0 && use_vnni()) {
+          dot4_u8s8_vnni(wq, xu, K, dots);
         } else
 #endif
         {
-          for (int r = 0; r < rows; r++) dots[r] = dot_u8s8_portable(w + int64_t(r) * K, xu, K);
+          for (int r = 0; r < rows; r++) dots[r] = dot_u8s8_portable(wq + int64_t(r) * K, xu, K);
         }
         for (int r = 0; r < rows; r++)
-          vals[r] = float(dots[r] - 128 * L.row_sum[n + r]) * L.scale[n + r] * in.x_scale[b];
+          for (int i = 0; i < inputs; i++)
+            vals[r * inputs + i] = float(dots[r * inputs + i] - 128 * L.row_sum[n + r]) *
+                                   L.scale[n + r] * in.x_scale[b + i];
       }
       for (int r = 0; r < rows; r++)
-        epilogue(b, n + r, vals[r] + (L.bias ? L.bias[n + r] : 0.0f));
+        for (int i = 0; i < inputs; i++)
+          epilogue(b + i, n + r, vals[r * inputs + i] + (L.bias ? L.bias[n + r] : 0.0f));
+      b += inputs;
     }
   }
 }
@@ -318,9 +403,9 @@ void quantize_inputs(const facert_linear& L, Inputs* in, std::vector<uint8_t>* x
   in->x_scale = scale->data();
 }
 
-// Runs a product over all output rows on the pool. Threads take blocks of rows (~64 KB of
-// weights) from a shared counter: cores of a busy machine rarely stream at the same speed, and
-// a static split leaves the faster one waiting.
+// Runs a product over all output rows on the pool, in blocks of rows of ~64 KB of weights:
+// cores of a busy machine rarely stream at the same speed, and a static split would leave the
+// faster one waiting.
 template <typename Epilogue>
 void linear(const facert_linear& L, const float* x, int B, Epilogue epilogue) {
   thread_local std::vector<uint8_t> xu;
@@ -329,11 +414,7 @@ void linear(const facert_linear& L, const float* x, int B, Epilogue epilogue) {
   quantize_inputs(L, &in, &xu, &scale);
   const int64_t row_bytes = L.scale ? L.in : int64_t(L.in) * sizeof(float);
   const int grain = int(std::max<int64_t>(4, (65536 / row_bytes) & ~int64_t(3)));
-  std::atomic<int> next{0};
-  pool().run([&](int, int) {
-    for (int n0; (n0 = next.fetch_add(grain, std::memory_order_relaxed)) < L.out;)
-      linear_rows(L, in, n0, std::min(L.out, n0 + grain), epilogue);
-  });
+  pool().run(L.out, grain, [&](int n0, int n1) { linear_rows(L, in, n0, n1, epilogue); });
 }
 
 // ---- the small per-row operations ----
@@ -362,14 +443,17 @@ void attend(const float* q, const float* keys, const float* values, int T, int D
             float* out) {
   const float root = std::sqrt(float(D));
   float top = -INFINITY;
-  for (int t = 0; t < T; t++) {
-    scores[t] = dot_f32(keys + int64_t(t) * D, q, D) / root;
+  int t = 0;
+  for (; t + 4 <= T; t += 4) dot4_f32(keys + int64_t(t) * D, q, D, scores + t);  // 4 keys a call
+  for (; t < T; t++) scores[t] = dot_f32(keys + int64_t(t) * D, q, D);
+  for (t = 0; t < T; t++) {
+    scores[t] /= root;
     top = std::max(top, scores[t]);
   }
   float total = 0.0f;
-  for (int t = 0; t < T; t++) total += (scores[t] = std::exp(scores[t] - top));
+  for (t = 0; t < T; t++) total += (scores[t] = std::exp(scores[t] - top));
   std::fill_n(out, D, 0.0f);
-  for (int t = 0; t < T; t++)
+  for (t = 0; t < T; t++)
     for (int d = 0; d < D; d++) out[d] += scores[t] * values[int64_t(t) * D + d];
   for (int d = 0; d < D; d++) out[d] /= total;
 }
@@ -398,6 +482,8 @@ FACERT_API int facert_decode_step(const facert_lm* m, float* k_cache, float* v_c
     if (slots[b] < 0 || slots[b] >= num_slots || positions[b] < 0 || positions[b] >= capacity ||
         tokens[b] < 0 || tokens[b] >= m->head.out)
       return 1;
+  static std::mutex one_step_at_a_time;  // the pool is shared by every model in the process
+  std::lock_guard<std::mutex> lock(one_step_at_a_time);
   pool().resize(std::max(1, threads));
 
   std::vector<float> x(int64_t(B) * C), h(int64_t(B) * C), qkv(int64_t(B) * 3 * C),
@@ -424,9 +510,10 @@ FACERT_API int facert_decode_step(const facert_lm* m, float* k_cache, float* v_c
         std::copy_n(&qkv[int64_t(b) * 3 * C + C + hd * D], D, kl + at);
         std::copy_n(&qkv[int64_t(b) * 3 * C + 2 * C + hd * D], D, vl + at);
       }
-    pool().run([&](int part, int parts) {
-      std::vector<float> scores(capacity);
-      for (int task = part; task < B * H; task += parts) {
+    pool().run(B * H, 1, [&](int begin, int end) {
+      thread_local std::vector<float> scores;
+      scores.resize(capacity);
+      for (int task = begin; task < end; task++) {
         const int b = task / H, hd = task % H;
         const int64_t head = slots[b] * slot_stride + int64_t(hd) * capacity * D;
         attend(&qkv[int64_t(b) * 3 * C + hd * D], kl + head, vl + head, int(positions[b]) + 1,

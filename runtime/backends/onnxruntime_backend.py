@@ -26,12 +26,16 @@ from .base import pad_rows
 GRAPHS = ("lm_prefill", "lm_decode", "head_text", "head_image", "vqgan_encoder", "vqgan_decoder")
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
+    """`spinning=False` when ONNX Runtime shares the cores with facert's own decode kernel: its
+    idle threads would otherwise spin through every decode step and steal a core from it."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3  # errors only
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -60,7 +64,7 @@ class OnnxRuntimeBackend:
         self.fused_decoder = fused_decoder
         self.providers = providers or ["CPUExecutionProvider"]
         check_providers(self.providers)
-        so = session_options(threads)
+        so = session_options(threads, spinning=fused_decoder is None)
         try:
             self.sessions = {
                 g: ort.InferenceSession(
