@@ -30,8 +30,16 @@ class Run:
         return np.diff(self.token_times).tolist()
 
 
+# Contestants share one process. After its work, a library's idle threads (OpenMP under torch,
+# ONNX Runtime's and onnxruntime-genai's pools) spin for a while before they sleep, and on a
+# machine with few cores they would take a core from whichever contestant runs next. A pause
+# before every timed call, off the clock, lets them settle.
+SETTLE_S = 0.2
+
+
 def timed(call: Callable[[Callable[[int], None]], object]) -> Run:
     """Run `call(tick)`; the callee calls tick(n) when a step has produced n tokens."""
+    time.sleep(SETTLE_S)
     run = Run()
     start = time.perf_counter()
 

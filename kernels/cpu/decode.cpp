@@ -166,7 +166,6 @@ Pool& pool() {
 
 constexpr int kLanes = 16;
 
-// Inlined into its callers, which carry the target clones.
 // Sum of the lanes by halves: shuffles and adds, not a chain of 16 scalar additions.
 template <typename T>
 inline __attribute__((always_inline)) T sum_lanes(T* acc) {
@@ -175,6 +174,7 @@ inline __attribute__((always_inline)) T sum_lanes(T* acc) {
   return acc[0];
 }
 
+// Inlined into its callers, which carry the target clones.
 inline __attribute__((always_inline)) float dot_f32(const float* w, const float* x, int K) {
   float acc[kLanes] = {};
   int k = 0;
@@ -191,8 +191,7 @@ void dot4_f32(const float* w, const float* x, int K, float* out) {
   float a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
   const float *r0 = w, *r1 = w + K, *r2 = w + 2 * K, *r3 = w + 3 * K;
   int k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    // Prefetch the next block as fast as this one is read: 4 rows x 64 bytes per iteration.
+  for (; k + kLanes <= K; k += kLanes)
     for (int j = 0; j < kLanes; j++) {
       float xv = x[k + j];
       a0[j] += r0[k + j] * xv;
@@ -200,7 +199,6 @@ void dot4_f32(const float* w, const float* x, int K, float* out) {
       a2[j] += r2[k + j] * xv;
       a3[j] += r3[k + j] * xv;
     }
-  }
   float s[4] = {};
   for (; k < K; k++) {
     s[0] += r0[k] * x[k];
@@ -223,8 +221,7 @@ int32_t dot_u8s8_portable(const int8_t* w, const uint8_t* xu, int K) {
     for (int j = 0; j < kLanes; j++) acc[j] += int32_t(xu[k + j]) * int32_t(w[k + j]);
   int32_t s = 0;
   for (; k < K; k++) s += int32_t(xu[k]) * int32_t(w[k]);
-  for (int j = 0; j < kLanes; j++) s += acc[j];
-  return s;
+  return s + sum_lanes(acc);
 }
 
 #if FACERT_X86
@@ -318,7 +315,6 @@ struct Inputs {
   int B, K;
 };
 
-// y[b, n] = W[n] . x[b] + bias[n] for rows n in [n0, n1), then epilogue(b, n, value).
 // y[b, n] = W[n] . x[b] + bias[n] for rows n in [n0, n1), then epilogue(b, n, value). Blocks
 // of 4 rows x 4 inputs where they fit (batches), else 4 rows x 1 input, else one row at a time.
 template <typename Epilogue>

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import LM_FILE, ModelConfig
 from ..errors import FacertError
 from .base import Backend
+
+if TYPE_CHECKING:
+    from facert.kernels.decode import FusedDecoder
 
 BACKENDS = ("onnxruntime", "torch")
 
@@ -54,20 +58,20 @@ def fused_decoder(
     providers: list[str] | None,
     threads: int | None,
     decode: str,
-):
+) -> FusedDecoder | None:
     """The fused CPU decode kernel over the model's weights, or None for the lm_decode graph."""
     from facert.kernels.decode import PRECISIONS, FusedDecoder
 
     if decode not in DECODE_CHOICES:
         raise FacertError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
-    cpu_only = all(p == "CPUExecutionProvider" for p in providers or ["CPUExecutionProvider"])
-    applies = cpu_only and precision in PRECISIONS
+    providers = providers or ["CPUExecutionProvider"]
+    applies = providers == ["CPUExecutionProvider"] and precision in PRECISIONS
     if decode == "graph" or (decode == "auto" and not applies):
         return None
     if not applies:
         raise FacertError(
             f"the fused decode kernel runs on the CPU provider in {' or '.join(PRECISIONS)}; "
-            f"use decode='graph' for {precision} on {', '.join(providers or [])}"
+            f"use decode='graph' for {precision} on {', '.join(providers)}"
         )
     from safetensors.numpy import load_file
 

@@ -65,16 +65,19 @@ class OnnxRuntimeBackend:
         self.providers = providers or ["CPUExecutionProvider"]
         check_providers(self.providers)
         so = session_options(threads, spinning=fused_decoder is None)
+        # with the fused kernel the lm_decode graph is never run: not loading it saves a copy
+        # of every layer's weights
+        graphs = [g for g in GRAPHS if fused_decoder is None or g != "lm_decode"]
         try:
             self.sessions = {
                 g: ort.InferenceSession(
                     str(self.engine_dir / f"{g}.onnx"), so, providers=self.providers
                 )
-                for g in GRAPHS
+                for g in graphs
             }
         except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
             raise FacertError(f"cannot load the ONNX graphs in {self.engine_dir}: {e}") from e
-        self.float_dtype = self._dtype("lm_decode", "past_key_0")
+        self.float_dtype = self._dtype("lm_prefill", "present_key_0")
         self.k_cache = self.v_cache = None
         self._bindings = {}
 
