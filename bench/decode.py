@@ -21,6 +21,7 @@ from .machine import read_bandwidth
 from .report import machine_line
 
 PROMPT = "a smiling young woman with long blond hair and glasses"
+ROUNDS = 5
 
 
 def step_weight_bytes(engine_dir: Path) -> int:
@@ -78,7 +79,7 @@ def run(
     model_dir: Path,
     configs: list[tuple[str, ...]],
     steps: int = 40,
-    rounds: int = 5,
+    rounds: int = ROUNDS,
     threads: int | None = None,
     progress=None,
 ) -> dict:

@@ -201,10 +201,8 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
             f"configs are BACKEND:PRECISION[:DECODE], e.g. onnxruntime:int8 or "
             f"onnxruntime:fp32:graph; got {bad}"
         )
-    rounds = 3
-    with tqdm(total=len(configs) * (1 + rounds), desc="decode", file=sys.stderr) as bar:
-        result = decode.run(model_dir, configs, steps=args.steps, rounds=rounds,
-                            threads=args.threads,
+    with tqdm(total=len(configs) * (1 + decode.ROUNDS), desc="decode", file=sys.stderr) as bar:
+        result = decode.run(model_dir, configs, steps=args.steps, threads=args.threads,
                             progress=lambda c: (bar.set_postfix_str(c), bar.update()))  # fmt: skip
     result["machine"] = describe()
     result["model"] = str(model_dir)

@@ -36,8 +36,11 @@ def write_model_dir(work: Path, out: Path) -> None:
         shutil.rmtree(out)
     (out / EVAL_DIR).mkdir(parents=True)
     (out / CONFIG_FILE).write_text(lm.bundled_config(len(vocab)).to_json() + "\n")
-    for name, source in ((VOCAB_FILE, VOCAB_FILE), (LM_FILE, lm.WEIGHTS), (VQGAN_FILE,
-                                                                          vqgan.WEIGHTS)):
+    for name, source in (
+        (VOCAB_FILE, VOCAB_FILE),
+        (LM_FILE, lm.WEIGHTS),
+        (VQGAN_FILE, vqgan.WEIGHTS),
+    ):
         shutil.copyfile(work / source, out / name)
     shutil.copyfile(work / classifier.ONNX_FILE, out / EVAL_DIR / classifier.ONNX_FILE)
     export_engine(out, out / "onnx" / "fp32", "fp32")

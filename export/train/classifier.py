@@ -10,7 +10,6 @@ decoded faces as well as drawn ones; the evaluation reports its accuracy on both
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from facert.export.vqgan import VQGAN
 from facert.runtime.images import scale_pixels, to_uint8
 
 from . import vqgan as vq
-from .common import Log, learning_rate, resume, save_checkpoint, set_lr, setup
+from .common import Log, learning_rate, resume, save_checkpoint, script_main, set_lr, setup
 from .data import EVAL_SEED, faces
 
 SEED = 3  # its own faces: neither the LM's training faces nor the evaluation's
@@ -169,13 +168,5 @@ def train(out_dir: Path, steps: int = STEPS) -> Path:
     return path
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-o", "--output", type=Path, required=True, help="training directory")
-    p.add_argument("--steps", type=int, default=STEPS)
-    args = p.parse_args()
-    print(train(args.output, args.steps))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(__doc__, train, STEPS)

@@ -3,8 +3,10 @@ checkpoints that make every run resumable."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,3 +78,12 @@ class Log:
             flush=True,
         )
         self.sums, self.count, self.start = {}, 0, time.time()
+
+
+def script_main(doc: str, train: Callable[[Path, int], Path], steps: int) -> None:
+    """The command line of a training script: `-o DIR [--steps N]`, then print what it wrote."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("-o", "--output", type=Path, required=True, help="training directory")
+    p.add_argument("--steps", type=int, default=steps)
+    args = p.parse_args()
+    print(train(args.output, args.steps))

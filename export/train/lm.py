@@ -10,7 +10,6 @@ The LM is `facert.export.lm.Talk2FaceLM` unchanged, with its prefix mask.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from facert.runtime.tasks import Templates
 from facert.runtime.tokenizer import WordPieceTokenizer
 
 from . import vqgan as vq
-from .common import Log, learning_rate, resume, save_checkpoint, set_lr, setup
+from .common import Log, learning_rate, resume, save_checkpoint, script_main, set_lr, setup
 from .data import PROMPTS, SPECIAL_TOKENS, TRAIN_SEED, attribute_values, caption_of, faces
 from .sequences import IGNORE, attribute_row, caption_row, collate, image_row
 
@@ -180,13 +179,5 @@ def train(out_dir: Path, steps: int = STEPS) -> Path:
     return path
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-o", "--output", type=Path, required=True, help="training directory")
-    p.add_argument("--steps", type=int, default=STEPS)
-    args = p.parse_args()
-    print(train(args.output, args.steps))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(__doc__, train, STEPS)

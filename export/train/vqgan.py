@@ -13,7 +13,6 @@ batch so that all of the codebook stays in use.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from facert.export.vqgan import VQGAN
 from facert.runtime.config import VQGANConfig
 from facert.runtime.images import scale_pixels
 
-from .common import Log, learning_rate, resume, save_checkpoint, set_lr, setup
+from .common import Log, learning_rate, resume, save_checkpoint, script_main, set_lr, setup
 from .data import TRAIN_SEED, faces
 
 CONFIG = VQGANConfig(
@@ -104,8 +103,11 @@ def loss_terms(model: VQGAN, x: torch.Tensor, codebook: EmaCodebook) -> tuple[to
     edges = F.l1_loss(y.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(y.diff(dim=-2), x.diff(dim=-2))
     loss = l1 + 0.5 * edges + BETA * commit
     if model.training:
-        codebook.update(model.quantize.embedding.weight, z.detach().permute(0, 2, 3, 1).reshape(
-            -1, D), codes.flatten())
+        codebook.update(
+            model.quantize.embedding.weight,
+            z.detach().permute(0, 2, 3, 1).reshape(-1, D),
+            codes.flatten(),
+        )
     mse = F.mse_loss(y.clamp(-1, 1), x).item()
     psnr = 10 * np.log10(4.0 / max(mse, 1e-10))  # peak-to-peak 2 in [-1, 1]
     return loss, {"loss": loss.item(), "l1": l1.item(), "commit": commit.item(), "psnr": psnr}
@@ -151,13 +153,5 @@ def train(out_dir: Path, steps: int = STEPS) -> Path:
     return path
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-o", "--output", type=Path, required=True, help="training directory")
-    p.add_argument("--steps", type=int, default=STEPS)
-    args = p.parse_args()
-    print(train(args.output, args.steps))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(__doc__, train, STEPS)
