@@ -42,8 +42,8 @@ class _LM(ctypes.Structure):
 
 
 @cache
-def _kernel() -> Callable[..., int]:
-    fn = cpu_library().facert_decode_step
+def _kernel(library: ctypes.CDLL) -> Callable[..., int]:
+    fn = library.facert_decode_step
     i64 = ctypes.c_int64
     fn.argtypes = [ctypes.POINTER(_LM), _ptr, _ptr, i64, i64, _i32, _ptr, _ptr, _ptr, _i32, _i32,
                    _ptr, _i32]  # fmt: skip
@@ -75,10 +75,13 @@ class FusedDecoder:
         eps: float,
         precision: str = "fp32",
         threads: int | None = None,
+        library: ctypes.CDLL | None = None,
     ):
+        """`library`: a build of kernels/cpu/decode.cpp to call (default: facert's own)."""
         if precision not in PRECISIONS:
             raise ValueError(f"the fused decoder runs {PRECISIONS}, not {precision!r}")
         self.precision, self.threads = precision, threads or default_threads()
+        self._step = _kernel(library or cpu_library())
         self._keep: list[np.ndarray] = []  # every buffer the kernel points into
         n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
         wte = weights["wte.weight"]
@@ -142,7 +145,7 @@ class FusedDecoder:
                                     for a in (slots, tokens, positions))  # fmt: skip
         lo, hi = window
         logits = np.empty((len(tokens), hi - lo), dtype=np.float32)  # (B, W)
-        status = _kernel()(
+        status = self._step(
             ctypes.byref(self._lm), k_cache.ctypes.data, v_cache.ctypes.data, k_cache.shape[1],
             k_cache.shape[3], len(tokens), tokens.ctypes.data, positions.ctypes.data,
             slots.ctypes.data, lo, hi, logits.ctypes.data, self.threads,

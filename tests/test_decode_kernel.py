@@ -3,7 +3,11 @@ implementation of one decode step, in float32 and int8, on odd shapes and scatte
 
 from __future__ import annotations
 
+import ctypes
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +143,28 @@ def test_vnni_and_portable_int8_products_are_identical(case):
     finally:
         allow_vnni(True)
     assert np.array_equal(vnni, portable)  # integer dot products: exact on both paths
+
+
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory):
+    """The kernel built as on a CPU other than x86-64 (Jetson's ARM): no intrinsics, no clones."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler here to build the portable kernel")
+    source = Path(__file__).parents[1] / "kernels" / "cpu" / "decode.cpp"
+    out = tmp_path_factory.mktemp("portable") / "libfacert_portable.so"
+    subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-pthread",
+                    "-DFACERT_PORTABLE", str(source), "-o", str(out)], check=True)  # fmt: skip
+    return ctypes.CDLL(str(out))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_portable_build_matches_numpy_reference(case, precision, portable_library):
+    w, n_head, k, v, rows = case
+    expected = reference_step(w, n_head, k.copy(), v.copy(), **rows, int8=precision == "int8")
+    decoder = FusedDecoder(w, n_head, EPS, precision, threads=2, library=portable_library)
+    logits = decoder.step(k, v, **rows)
+    assert np.abs(logits - expected).max() / np.abs(expected).max() < 1e-5
 
 
 def test_quantize_rows_bounds():
