@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +132,32 @@ def test_results_do_not_depend_on_the_thread_count(case, precision):
         for _ in range(50):
             kc, vc = k.copy(), v.copy()
             assert np.array_equal(decoder.step(kc, vc, **rows), expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_forked_child_decodes(case):
+    """Servers fork workers after loading a model: the child has none of the parent's pool
+    threads and must neither hang nor crash (here it also asks for another thread count), and
+    the parent keeps working."""
+    w, n_head, k, v, rows = case
+    decoder = FusedDecoder(w, n_head, EPS, "fp32", threads=2)
+    expected = decoder.step(k.copy(), v.copy(), **rows)  # the parent's pool is running
+    pid = os.fork()
+    if pid == 0:  # child: exit status 0 if its step gives the same logits
+        try:
+            decoder.threads = 3
+            same = np.array_equal(decoder.step(k.copy(), v.copy(), **rows), expected)
+        finally:
+            os._exit(0 if same else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in its decode step")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert np.array_equal(decoder.step(k.copy(), v.copy(), **rows), expected)
 
 
 def test_vnni_and_portable_int8_products_are_identical(case):

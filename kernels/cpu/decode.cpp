@@ -17,8 +17,11 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
+
+#include <pthread.h>
 
 #if defined(__x86_64__) && !defined(FACERT_PORTABLE)  // FACERT_PORTABLE: build as on other CPUs
 #include <immintrin.h>
@@ -78,8 +81,6 @@ namespace {
 
 class Pool {
  public:
-  ~Pool() { resize(1); }
-
   void resize(int threads) {
     if (threads == int(workers_.size()) + 1) return;
     {
@@ -159,9 +160,24 @@ class Pool {
   std::atomic<bool> closed_{true};
 };
 
+// The process's pool and the lock that runs one step at a time (the pool is shared by every
+// model). Never destroyed: its threads end with the process. A child of fork() has none of its
+// parent's threads, so it forgets the parent's pool (leaked, not joined) and starts a new one.
+Pool* current_pool = nullptr;
+std::mutex step_lock;
+
+void forget_pool_in_child() {
+  current_pool = nullptr;
+  new (&step_lock) std::mutex();  // it may have been held by a parent thread mid-step
+}
+
 Pool& pool() {
-  static Pool p;
-  return p;
+  if (current_pool == nullptr) {
+    static const bool registered = pthread_atfork(nullptr, nullptr, forget_pool_in_child) == 0;
+    (void)registered;
+    current_pool = new Pool();
+  }
+  return *current_pool;
 }
 
 // ---- matrix-vector products over a slice of output rows ----
@@ -483,8 +499,7 @@ FACERT_API int facert_decode_step(const facert_lm* m, float* k_cache, float* v_c
     if (slots[b] < 0 || slots[b] >= num_slots || positions[b] < 0 || positions[b] >= capacity ||
         tokens[b] < 0 || tokens[b] >= m->head.out)
       return 1;
-  static std::mutex one_step_at_a_time;  // the pool is shared by every model in the process
-  std::lock_guard<std::mutex> lock(one_step_at_a_time);
+  std::lock_guard<std::mutex> lock(step_lock);
   pool().resize(std::max(1, threads));
 
   std::vector<float> x(int64_t(B) * C), h(int64_t(B) * C), qkv(int64_t(B) * 3 * C),
