@@ -318,13 +318,6 @@ bool use_vnni() {
 #endif
 }
 
-#if FACERT_X86
-// Whether batches take the 4 rows x 4 inputs AVX-512 kernels for this product.
-bool rows_of_four_by_four(bool int8, int K) {
-  return int8 ? K % 64 == 0 && use_vnni() : K % 16 == 0 && has_avx512();
-}
-#endif
-
 // The input rows of a product, float32 or quantized per row for int8 weights.
 struct Inputs {
   const float* x;        // (B, K)
@@ -339,8 +332,11 @@ template <typename Epilogue>
 void linear_rows(const facert_linear& L, const Inputs& in, int n0, int n1, Epilogue epilogue) {
   const int K = L.in;
   const bool int8 = L.scale != nullptr;
+  // Which kernels this product can take, decided once: the VNNI ones for int8 (4 rows, and
+  // 4 rows x 4 inputs for batches), the AVX-512 4 x 4 tile for float32 batches.
 #if FACERT_X86
-  const bool wide = rows_of_four_by_four(int8, K);
+  const bool vnni = int8 && K % 64 == 0 && use_vnni();
+  const bool wide = int8 ? vnni : K % 16 == 0 && has_avx512();
 #else
   const bool wide = false;
 #endif
@@ -369,7 +365,7 @@ void linear_rows(const facert_linear& L, const Inputs& in, int n0, int n1, Epilo
 #if FACERT_X86
         if (inputs == 4) {
           dot4x4_u8s8_vnni(wq, xu, K, dots);
-        } else if (rows == 4 && K % 64 == 0 && use_vnni()) {
+        } else if (rows == 4 && vnni) {
           dot4_u8s8_vnni(wq, xu, K, dots);
         } else
 #endif
@@ -387,6 +383,10 @@ void linear_rows(const facert_linear& L, const Inputs& in, int n0, int n1, Epilo
       b += inputs;
     }
   }
+}
+
+int64_t row_bytes(const facert_linear& L) {
+  return L.scale ? L.in : int64_t(L.in) * sizeof(float);
 }
 
 // Quantize each input row symmetrically to int8 (stored + 128 as uint8) when L is int8.
@@ -427,9 +427,9 @@ void linear(const facert_linear& L, const float* x, int B, Epilogue epilogue) {
   thread_local std::vector<float> scale;
   Inputs in{x, nullptr, nullptr, B, L.in};
   quantize_inputs(L, &in, &xu, &scale);
-  const int64_t row_bytes = L.scale ? L.in : int64_t(L.in) * sizeof(float);
+  const int64_t bytes = row_bytes(L);
   const int64_t quarter = L.out / (4 * pool().size());  // about 4 blocks per thread
-  const int64_t rows = std::max(65536 / row_bytes, std::min(262144 / row_bytes, quarter));
+  const int64_t rows = std::max(65536 / bytes, std::min(262144 / bytes, quarter));
   const int grain = int(std::max<int64_t>(4, rows & ~int64_t(3)));
   pool().run(L.out, grain, [&](int n0, int n1) { linear_rows(L, in, n0, n1, epilogue); });
 }
@@ -548,8 +548,7 @@ FACERT_API int facert_decode_step(const facert_lm* m, float* k_cache, float* v_c
   for (int b = 0; b < B; b++)
     layer_norm(&x[b * C], m->lnf_weight, m->lnf_bias, m->eps, C, &h[b * C]);
   facert_linear window = m->head;  // rows [lo, hi) of the head
-  const int64_t row_bytes = m->head.scale ? C : int64_t(C) * sizeof(float);
-  window.weight = static_cast<const char*>(m->head.weight) + lo * row_bytes;
+  window.weight = static_cast<const char*>(m->head.weight) + lo * row_bytes(m->head);
   if (m->head.scale) {
     window.scale += lo;
     window.row_sum += lo;
