@@ -172,3 +172,17 @@ def make(
     except ImportError as e:
         package = "transformers" if kind == "transformers" else "onnxruntime-genai"
         return f"{package} is not installed ({e.msg}); pip install 'facert[bench]'"
+
+
+def ready_competitors(
+    model_dir: Path, threads: int | None, wanted: bool = True
+) -> tuple[list[Transformers | GenAI], list[dict[str, str]]]:
+    """The competitors that can run here, and {contestant, reason} for each that cannot."""
+    ready, skipped = [], []
+    for kind in COMPETITORS if wanted else ():
+        c = make(kind, model_dir, threads)
+        if isinstance(c, str):
+            skipped.append({"contestant": kind, "reason": c})
+        else:
+            ready.append(c)
+    return ready, skipped

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from facert.runtime.model import FaceModel
 from facert.runtime.sequence import GREEDY
 
-from .decode import decode_path
+from .decode import PROMPT, decode_path, time_decode
 
 # Same bounds as tests/test_onnxruntime.py: fp32 logits within 1e-4 of the largest |logit| and
 # identical top-1; reduced precisions by top-1 agreement with fp32.
@@ -29,7 +29,6 @@ FP32_REL_ERROR = 1e-4
 CPU_PRECISIONS = ("fp32", "int8", "int4")
 GPU_PRECISIONS = ("fp32", "fp16")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-PROMPT = "a smiling young woman with long blond hair and glasses"
 
 
 @dataclass
@@ -80,19 +79,6 @@ def _decoded_logits(model: FaceModel, ids: np.ndarray, segs: np.ndarray) -> np.n
     )
 
 
-def _decode_ms(model: FaceModel, ids: np.ndarray, segs: np.ndarray, steps: int = 20) -> float:
-    backend, window = model.backend, model.templates.image_window
-    slot = np.zeros(1, dtype=np.int64)
-    n = int((segs == 1).sum())
-    backend.prefill(slot, [ids[:n]], [segs[:n]], window)
-    times = []
-    for i in range(steps):
-        t = time.perf_counter()
-        backend.decode(slot, ids[n : n + 1], np.array([n + i]), window)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[3:]) * 1e3)
-
-
 def reference_model(model_dir: Path) -> FaceModel:
     try:
         import torch  # noqa: F401
@@ -123,7 +109,7 @@ def run(model_dir: Path, progress=None) -> tuple[str, list[Check]]:
             check.decode = decode_path(model)
             check.top1 = float(np.mean(np.argmax(logits, 1) == np.argmax(ref, 1)))
             check.rel_error = float(np.abs(logits - ref).max() / np.abs(ref).max())
-            check.decode_ms = _decode_ms(model, ids, segs)
+            check.decode_ms = float(np.median(time_decode(model, 20)[3:]) * 1e3)
             t = time.perf_counter()
             model.generate_faces(PROMPT, n=1, seed=0)
             check.face_s = time.perf_counter() - t

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from facert.runtime.sequence import SamplingParams
 from facert.runtime.tasks import Templates
 
-from .contestants import COMPETITORS, DESCRIPTION, Facert, make
+from .contestants import DESCRIPTION, Facert, ready_competitors
 from .models import BenchModel
 from .reference import Reference
 from .report import target
@@ -110,13 +110,7 @@ def run(
 ) -> dict:
     facerts = [Facert(model.path, c, threads) for c in configs]
     attribute = next(iter(facerts[0].model.config.attributes), None)
-    others, skipped = [], []
-    for kind in COMPETITORS if competitors else ():
-        c = make(kind, model.path, threads)
-        if isinstance(c, str):
-            skipped.append({"contestant": kind, "reason": c})
-        else:
-            others.append(c)
+    others, skipped = ready_competitors(model.path, threads, competitors)
     if attribute is None:
         skipped.append({"contestant": "to_attributes", "reason": "the model lists no attributes"})
     jobs = [(task, f.name, partial(_timed, f, call))

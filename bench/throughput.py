@@ -14,7 +14,7 @@ import statistics
 import numpy as np
 from tqdm import tqdm
 
-from .contestants import COMPETITORS, Facert, make, prompt_length
+from .contestants import Facert, prompt_length, ready_competitors
 from .decode import model_step_bytes
 from .machine import read_bandwidth
 from .models import BenchModel
@@ -34,13 +34,8 @@ def run(
     progress: bool = True,
 ) -> dict:
     contestants = [Facert(model.path, c, threads, slots=max(batches)) for c in configs]
-    skipped = []
-    for kind in COMPETITORS if competitors else ():
-        c = make(kind, model.path, threads)
-        if isinstance(c, str):
-            skipped.append({"contestant": kind, "reason": c})
-        else:
-            contestants.append(c)
+    others, skipped = ready_competitors(model.path, threads, competitors)
+    contestants += others
     rows = []
     with tqdm(total=len(batches) * len(contestants) + 2, desc=f"throughput {model.name}",
               disable=not progress) as bar:  # fmt: skip
