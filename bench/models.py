@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facert.export.onnx_export import PRECISIONS
-from facert.runtime.backends import BACKENDS
+from facert.runtime.backends import BACKENDS, DECODE_CHOICES
 from facert.runtime.config import load_config
 from facert.runtime.errors import FacertError
 from facert.runtime.onnx_engines import cache_root
@@ -44,19 +44,25 @@ def resolve_models(spec: str) -> tuple[list[BenchModel], list[dict]]:
     return models, skipped
 
 
-def parse_configs(spec: str) -> list[tuple[str, str]]:
-    """'onnxruntime:int8,torch:fp32' -> [(backend, precision), ...], checked."""
+def parse_configs(spec: str, with_decode: bool = False) -> list[tuple[str, ...]]:
+    """'onnxruntime:int8,torch:fp32' -> [(backend, precision), ...], checked; with_decode also
+    takes a third part, the decode path ('onnxruntime:fp32:graph')."""
+    form = "BACKEND:PRECISION[:DECODE]" if with_decode else "BACKEND:PRECISION"
     configs = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
-        parts = item.split(":")
-        if len(parts) != 2 or parts[0] not in BACKENDS or parts[1] not in PRECISIONS:
+        parts = tuple(item.split(":"))
+        decode_ok = (
+            len(parts) == 2 or with_decode and len(parts) == 3 and parts[2] in DECODE_CHOICES
+        )
+        if not decode_ok or parts[0] not in BACKENDS or parts[1] not in PRECISIONS:
             raise FacertError(
-                f"config {item!r} is not BACKEND:PRECISION with BACKEND in {', '.join(BACKENDS)} "
-                f"and PRECISION in {', '.join(PRECISIONS)}"
+                f"config {item!r} is not {form} with BACKEND in {', '.join(BACKENDS)}, "
+                f"PRECISION in {', '.join(PRECISIONS)}"
+                + (f" and DECODE in {', '.join(DECODE_CHOICES)}" if with_decode else "")
             )
         if parts[0] == "torch" and parts[1] != "fp32":
             raise FacertError(f"the torch backend runs fp32 only, not {parts[1]}")
-        configs.append((parts[0], parts[1]))
+        configs.append(parts)
     if not configs:
         raise FacertError("no facert configuration given")
     return configs

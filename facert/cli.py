@@ -186,21 +186,16 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     from facert.bench import decode
     from facert.bench.base_model import make_base_model
     from facert.bench.machine import describe
+    from facert.bench.models import parse_configs
     from facert.runtime.onnx_engines import cache_root
 
+    configs = parse_configs(args.configs, with_decode=True)
     if args.model == "base":
         with tqdm(desc="writing the random base-shape model", total=None, file=sys.stderr) as bar:
             model_dir = make_base_model(cache_root() / "base-random")
             bar.update()
     else:
         model_dir = Path(args.model)
-    configs = [tuple(c.split(":")) for c in args.configs.split(",")]
-    bad = [c for c in configs if len(c) not in (2, 3)]
-    if bad:
-        raise FacertError(
-            f"configs are BACKEND:PRECISION[:DECODE], e.g. onnxruntime:int8 or "
-            f"onnxruntime:fp32:graph; got {bad}"
-        )
     with tqdm(total=len(configs) * (1 + decode.ROUNDS), desc="decode", file=sys.stderr) as bar:
         result = decode.run(model_dir, configs, steps=args.steps, threads=args.threads,
                             progress=lambda c: (bar.set_postfix_str(c), bar.update()))  # fmt: skip

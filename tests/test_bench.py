@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from facert.bench.contestants import make
 from facert.bench.decode import model_step_bytes, step_weight_bytes
-from facert.bench.models import resolve_models
+from facert.bench.models import parse_configs, resolve_models
 from facert.bench.reference import generate, pick
 from facert.bench.timing import timed_call
 from facert.cli import main
@@ -93,6 +93,13 @@ def test_bad_configs_are_user_errors(tiny_model_dir, capsys):
     assert main(["bench", "tasks", "--model", str(tiny_model_dir), "--configs", "torch"]) == 2
     assert "BACKEND:PRECISION" in capsys.readouterr().err
     assert main(["bench", "load", "--model", str(tiny_model_dir), "--configs", "torch:int4"]) == 2
+    # only the decode scenario takes a decode path, and only a known one
+    for scenario, spec in (("tasks", "onnxruntime:fp32:graph"), ("decode", "onnxruntime:fp32:x")):
+        assert main(["bench", scenario, "--model", str(tiny_model_dir), "--configs", spec]) == 2
+        assert f"config {spec!r} is not BACKEND:PRECISION" in capsys.readouterr().err
+    assert parse_configs("onnxruntime:int8:fused,torch:fp32", with_decode=True) == [
+        ("onnxruntime", "int8", "fused"), ("torch", "fp32")
+    ]  # fmt: skip
 
 
 BOTH = "onnxruntime:fp32,torch:fp32"
