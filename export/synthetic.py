@@ -52,6 +52,8 @@ SHIRT_RGB = ((40, 60, 120), (50, 110, 60), (30, 130, 140), (120, 50, 110), (150,
 IRIS_RGB = ((90, 55, 30), (50, 110, 170), (70, 120, 70))
 FRAME_RGB = ((25, 25, 25), (90, 50, 20), (160, 120, 40), (30, 40, 120))
 MOUTH_RGB = (150, 30, 40)
+MOUTH_INSIDE_RGB = (60, 12, 20)
+TEETH_RGB = (250, 250, 245)
 LENS_RGB = (18, 18, 24)
 AA = cv2.LINE_AA
 
@@ -191,7 +193,7 @@ def _draw_wrinkles(img: np.ndarray, line: tuple, age: str, layout: _Layout) -> N
     )
     for k, y in enumerate(forehead):  # shallow arcs whose apex sits at y
         center = (128, y + 14 + int(jitter[k]))
-        cv2.ellipse(img, center, (30 - 2 * k, 14), 0, 215, 325, line, 3, AA)
+        cv2.ellipse(img, center, (30 - 2 * k, 14), 0, 215, 325, line, 5, AA)
     if age != "old":
         return
     for side in (-1, 1):
@@ -199,14 +201,14 @@ def _draw_wrinkles(img: np.ndarray, line: tuple, age: str, layout: _Layout) -> N
         corner_x = eye_x + side * 22
         for k, dy in enumerate((-7, 0, 7)):  # crow's feet fanning out from the eye corner
             end = (corner_x + side * 10, layout.eye_y + dy * 2 + int(jitter[4 + k]))
-            cv2.line(img, (corner_x, layout.eye_y + dy // 2), end, line, 2, AA)
-        cv2.ellipse(img, (eye_x, layout.eye_y + 12), (11, 5), 0, 20, 160, line, 2, AA)
+            cv2.line(img, (corner_x, layout.eye_y + dy // 2), end, line, 3, AA)
+        cv2.ellipse(img, (eye_x, layout.eye_y + 12), (11, 5), 0, 20, 160, line, 3, AA)
         fold_x = 128 + side * (layout.mouth_half_width + 8)
         fold_top, fold_bottom = (
             (fold_x - side * 2, layout.mouth_y - 26),
             (fold_x + side * 6, layout.mouth_y + 4),
         )
-        cv2.line(img, fold_top, fold_bottom, line, 3, AA)
+        cv2.line(img, fold_top, fold_bottom, line, 4, AA)
 
 
 def _draw_beard(img: np.ndarray, hair: tuple, skin: tuple, layout: _Layout) -> None:
@@ -232,14 +234,18 @@ def _draw_beard(img: np.ndarray, hair: tuple, skin: tuple, layout: _Layout) -> N
 
 
 def _draw_mouth(img: np.ndarray, expression: str, layout: _Layout) -> None:
+    """Drawn bold enough to read at 64x64: an open smile with teeth, a flat line, or an O."""
     y, half = layout.mouth_y, layout.mouth_half_width
     if expression == "smiling":
-        cv2.ellipse(img, (128, y - 8), (half, 12), 0, 10, 170, MOUTH_RGB, 6, AA)
+        cv2.ellipse(img, (128, y - 6), (half, 16), 0, 0, 180, MOUTH_INSIDE_RGB, -1, AA)
+        cv2.ellipse(img, (128, y - 6), (half - 4, 7), 0, 0, 180, TEETH_RGB, -1, AA)
+        cv2.ellipse(img, (128, y - 6), (half, 16), 0, 0, 180, MOUTH_RGB, 5, AA)
+        cv2.line(img, (128 - half, y - 6), (128 + half, y - 6), MOUTH_RGB, 5, AA)
     elif expression == "neutral":
-        cv2.line(img, (128 - half, y), (128 + half, y), MOUTH_RGB, 6, AA)
+        cv2.line(img, (128 - half, y), (128 + half, y), MOUTH_RGB, 7, AA)
     else:
-        cv2.ellipse(img, (128, y), (10, 14), 0, 0, 360, (60, 12, 20), -1, AA)
-        cv2.ellipse(img, (128, y), (10, 14), 0, 0, 360, MOUTH_RGB, 4, AA)
+        cv2.ellipse(img, (128, y), (12, 17), 0, 0, 360, MOUTH_INSIDE_RGB, -1, AA)
+        cv2.ellipse(img, (128, y), (12, 17), 0, 0, 360, MOUTH_RGB, 5, AA)
 
 
 def _draw_eyes(img: np.ndarray, brows: tuple, expression: str, layout: _Layout) -> None:
@@ -254,7 +260,7 @@ def _draw_eyes(img: np.ndarray, brows: tuple, expression: str, layout: _Layout) 
         cv2.circle(img, center, 7, layout.iris_rgb, -1, AA)
         cv2.circle(img, center, 3, (10, 10, 10), -1, AA)
         brow_center = (center[0], layout.eye_y - 14 - brow_lift + brow_arch)
-        cv2.ellipse(img, brow_center, (16, brow_arch + 2), 0, 200, 340, brows, 6, AA)
+        cv2.ellipse(img, brow_center, (16, brow_arch + 2), 0, 200, 340, brows, 8, AA)
 
 
 def _draw_eyewear(img: np.ndarray, eyewear: str, layout: _Layout) -> None:
@@ -269,7 +275,7 @@ def _draw_eyewear(img: np.ndarray, eyewear: str, layout: _Layout) -> None:
         if eyewear == "sunglasses":
             cv2.circle(img, center, lens_radius, LENS_RGB, -1, AA)
             cv2.ellipse(img, (center[0] - 6, y - 7), (5, 3), -30, 0, 360, (90, 90, 100), -1, AA)
-        cv2.circle(img, center, lens_radius, frame, 4, AA)
+        cv2.circle(img, center, lens_radius, frame, 6, AA)
         temple_x = 128 + side * layout.head_axes[0]
         cv2.line(img, (center[0] + side * lens_radius, y - 4), (temple_x, y - 6), frame, 4, AA)
     bridge_half = layout.eye_gap - lens_radius

@@ -96,31 +96,31 @@ def _above_chance(per_attribute: dict[str, float]) -> dict[str, float]:
 
 
 def test_attributes_beat_chance_by_a_wide_margin(small_eval):
-    # Chance averages 34% over the eight attributes. Expression and young vs middle-aged are the
-    # weak ones (thin strokes that 8x8 codes keep poorly); the rest must be read well.
+    # Chance averages 34% over the eight attributes; the model reads 92% of them on 1000 faces
+    # (bench/results/quality-talk2face-synth.json), expression and age least well (80-85%).
     margin = _above_chance(small_eval["attributes"]["per_attribute"])
-    assert small_eval["attributes"]["mean"] >= 0.75, margin
-    assert min(margin.values()) > 0.05, margin
-    assert sum(m >= 0.3 for m in margin.values()) >= 6, margin
+    assert small_eval["attributes"]["mean"] >= 0.85, margin
+    assert min(margin.values()) > 0.3, margin
 
 
 def test_captions_name_the_attributes(small_eval):
     # A caption that guessed would name the right value of each attribute 1/2 to 1/5 of the time
-    # and often name none; the model's greedy captions must do far better.
-    assert small_eval["caption_recall"]["mean"] >= 0.6, small_eval["caption_recall"]
+    # and often name none; the model's greedy captions name 90% of them on 1000 faces.
+    assert small_eval["caption_recall"]["mean"] >= 0.8, small_eval["caption_recall"]
 
 
 def test_drawn_faces_show_the_text(small_eval):
     judge = Judge(MODEL)
     images, attributes, _ = held_out(N_EVAL, 64)
-    assert judge_accuracy(judge, images, attributes) >= 0.9  # the judge itself can read faces
-    # Generation is the weak task (see bench/results/quality-talk2face-synth.json): drawn faces
-    # must show the text's background and beat chance on average, not more yet.
+    assert judge_accuracy(judge, images, attributes) >= 0.95  # the judge itself can read faces
+    # Generation is the weak task (64% on 1000 faces): drawn faces must show the text's
+    # background and hair length and beat chance on average by a wide margin, not more yet.
     faithful = small_eval["faithfulness"]
     chance = np.mean([1 / len(v) for v in ATTRIBUTES.values()])
-    assert faithful["per_attribute"]["background"] >= 0.8, faithful
-    assert faithful["mean"] >= chance + 0.06, faithful
-    assert small_eval["psnr_db"] >= 20
+    assert faithful["per_attribute"]["background"] >= 0.85, faithful
+    assert faithful["per_attribute"]["hair length"] >= 0.75, faithful
+    assert faithful["mean"] >= chance + 0.2, faithful
+    assert small_eval["psnr_db"] >= 22
 
 
 def test_demo_writes_what_it_promises(tmp_path, capsys):

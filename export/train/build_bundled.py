@@ -4,12 +4,13 @@
     python -m facert.export.train.build_bundled --work DIR
 
 About an hour on two cores: the vocabulary (seconds), the VQGAN (~15 min), the training faces'
-codes (~1 min), the LM (~35 min), the evaluation kit's attribute classifier (~4 min), then the
-model directory with its fp32 ONNX graphs (seconds). Every step resumes from its checkpoint and
-a finished step is skipped, so an interrupted build picks up where it stopped. Training is
-seeded; a rebuild gives the same model up to floating-point differences between machines.
-Other precisions are exported on first use into the user cache (`facert export` ships none:
-the package must stay under 30 MB).
+codes (~4 min), the LM (~33 min), the evaluation kit's attribute classifier (~12 min), then the
+model directory with its fp32 ONNX graphs (seconds). The VQGAN and the LM train with bf16
+products: on a CPU without native bf16 (AVX-512 BF16 or AMX) expect them to take longer.
+Every step resumes from its checkpoint and a finished step is skipped, so an interrupted build
+picks up where it stopped. Training is seeded; a rebuild gives the same model up to
+floating-point differences between machines. Other precisions are exported on first use into
+the user cache (`facert export` ships none: the package must stay under 30 MB).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Train the evaluation kit's attribute classifier and export it to ONNX (CPU, about 4 minutes).
+"""Train the evaluation kit's attribute classifier and export it to ONNX (CPU, about 12 minutes).
 
 `facert bench quality` judges generated faces with it: does a face drawn from a caption show
 the caption's attributes? It learns from ground-truth labels of synthetic faces, half of them

@@ -33,8 +33,8 @@ from .sequences import IGNORE, attribute_row, caption_row, collate, image_row
 
 N_LAYER, N_HEAD, N_EMBD = 4, 4, 192  # 2.1M parameters: the bundled files must stay small
 SEQ_LENGTH = 144  # longest template: 69-id caption prompt + a 55-word caption + [SEP], with room
-N_FACES = 12000  # faces whose codes are precomputed
-STEPS, BATCH, PEAK_LR, WARMUP = 1800, 24, 1e-3, 50
+N_FACES = 30000  # faces whose codes are precomputed: about three epochs
+STEPS, BATCH, PEAK_LR, WARMUP = 4000, 24, 1e-3, 50
 ATTRIBUTES_PER_FACE = 2
 # Rows are padded to one length per task so that torch.compile builds each graph once (about
 # 1.7x faster steps): image 64 prompt ids + 64 codes; caption 69 + at most 55 words + [SEP].
@@ -162,7 +162,10 @@ def train(out_dir: Path, steps: int = STEPS) -> Path:
         lr = learning_rate(step, steps, PEAK_LR, WARMUP)
         set_lr(optimizer, lr)
         indices = np.random.default_rng([4, step]).choice(N_FACES, BATCH, replace=False)
-        loss, metrics = losses(lm, train_hidden, t, make_rows(t, codes, attributes, indices, step))
+        rows = make_rows(t, codes, attributes, indices, step)
+        # bf16 products: about 2x faster steps on CPUs that have them; the weights stay fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, metrics = losses(lm, train_hidden, t, rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
