@@ -22,6 +22,7 @@ from .report import machine_line
 
 PROMPT = "a smiling young woman with long blond hair and glasses"
 ROUNDS = 5
+WARM_STEPS = 3
 
 
 def step_weight_bytes(engine_dir: Path) -> int:
@@ -44,20 +45,21 @@ def step_weight_bytes(engine_dir: Path) -> int:
 
 
 def time_decode(model: FaceModel, steps: int) -> list[float]:
-    """Seconds per decode step, batch 1, image window, continuing an image prompt."""
+    """Seconds per decode step, batch 1, image window, continuing an image prompt: `steps`
+    timed steps after WARM_STEPS untimed ones that warm the caches."""
     seq = model.templates.to_image(PROMPT, SamplingParams(seed=0), 0)
     backend, window = model.backend, model.templates.image_window
     slot = np.zeros(1, dtype=np.int64)
     backend.prefill(slot, [seq.prompt_ids], [seq.prompt_segs], window)
     rng = np.random.default_rng(0)
     times = []
-    for i in range(steps):
+    for i in range(WARM_STEPS + steps):
         token = rng.integers(window[0], window[1], 1)
         position = np.array([len(seq.prompt_ids) + i])
         t = time.perf_counter()
         backend.decode(slot, token, position, window)
         times.append(time.perf_counter() - t)
-    return times
+    return times[WARM_STEPS:]
 
 
 def decode_path(model: FaceModel) -> str:
@@ -113,7 +115,7 @@ def run(
             if progress:
                 progress(f"round {r + 1}/{rounds}: {' '.join(c)}")
             near = read_bandwidth(size_mib=512, repeats=3)
-            steps_s = time_decode(models[c], steps + 3)[3:]  # first steps warm caches
+            steps_s = time_decode(models[c], steps)
             times[c] += steps_s
             paired[c].append(statistics.median(steps_s) * near["bytes_per_s"] / weight_bytes[c])
             bandwidth = {k: max(bandwidth[k], near[k]) for k in bandwidth}
