@@ -8,6 +8,9 @@ On N faces of a dataset seed that training never drew (export/train/data.py):
 - faithfulness: one face drawn from a fresh caption of each held-out face (sampling defaults,
   seed = face index), judged by the model's evaluation kit (eval/attribute_classifier.onnx):
   how often it shows the caption's value, per attribute (target: 85%);
+- short-prompt faithfulness: the same from a caption that names only SHORT_PROMPT_NAMES random
+  attributes, as people write them, judged on those (no target; a model that only follows
+  the generator's complete captions shows here);
 - reconstruction: VQGAN encode + decode PSNR.
 The judge's own accuracy on the held-out faces, as drawn and through the VQGAN, is reported
 beside faithfulness: a drawn face cannot be judged more reliably than that.
@@ -31,6 +34,7 @@ from .mentions import recall
 TARGETS = {"attributes": 0.95, "caption_recall": 0.90, "faithfulness": 0.85}
 JUDGE = Path("eval") / "attribute_classifier.onnx"
 INT8_TOLERANCE = 0.01  # int8 must stay within one point of fp32
+SHORT_PROMPT_NAMES = 3
 
 
 class Judge:
@@ -69,8 +73,23 @@ def held_out(n: int, size: int) -> tuple[np.ndarray, list[dict[str, str]], list[
     return images, attributes, captions
 
 
+def short_prompts(attributes: list[dict[str, str]]) -> list[tuple[str, list[str]]]:
+    """A caption of each face that names SHORT_PROMPT_NAMES random attributes, and those names."""
+    from facert.export.synthetic import caption
+    from facert.export.train.data import EVAL_SEED
+
+    prompts = []
+    for i, a in enumerate(attributes):
+        rng = np.random.default_rng([EVAL_SEED, i, 1])
+        names = [str(x) for x in rng.choice(list(a), SHORT_PROMPT_NAMES, replace=False)]
+        prompts.append((caption(a, rng, names), names))
+    return prompts
+
+
 def _rate(hits: list[dict[str, bool]]) -> dict:
-    per = {name: float(np.mean([h[name] for h in hits])) for name in hits[0]}
+    """Hit rate per attribute (over the faces that were asked about it) and their mean."""
+    names = dict.fromkeys(name for h in hits for name in h)
+    per = {name: float(np.mean([h[name] for h in hits if name in h])) for name in names}
     return {"mean": float(np.mean(list(per.values()))), "per_attribute": per}
 
 
@@ -96,8 +115,9 @@ def judge_accuracy(judge: Judge, images: np.ndarray, attributes: list[dict]) -> 
 def evaluate(model: FaceModel, judge: Judge, n: int, quiet: bool = False, label: str = "") -> dict:
     """All measures for one loaded model on n held-out faces."""
     images, attributes, captions = held_out(n, model.config.vqgan.resolution)
+    shorts = short_prompts(attributes)
     names = list(model.config.attributes)
-    answers, recalls, faithful, drawn, examples = [], [], [], [], []
+    answers, recalls, drawn, drawn_short, examples = [], [], [], [], []
     start = time.time()
     for i in tqdm(range(n), desc=label or model.backend.name, unit="face", disable=quiet):
         truth = attributes[i]
@@ -106,15 +126,24 @@ def evaluate(model: FaceModel, judge: Judge, n: int, quiet: bool = False, label:
         text = model.caption(images[i])
         recalls.append(recall(text, truth))
         drawn.append(model.generate_faces(captions[i], n=1, seed=i)[0])
+        drawn_short.append(model.generate_faces(shorts[i][0], n=1, seed=i)[0])
         if i < 5:
-            examples.append({"truth": truth, "caption": text, "prompt": captions[i]})
-    for truth, seen in zip(attributes, judge(np.stack(drawn))):
-        faithful.append({k: seen[k] == truth[k] for k in judge.attributes})
+            examples.append({"truth": truth, "caption": text, "prompt": captions[i],
+                             "short_prompt": shorts[i][0]})  # fmt: skip
+    faithful = [
+        {k: seen[k] == truth[k] for k in judge.attributes}
+        for truth, seen in zip(attributes, judge(np.stack(drawn)))
+    ]
+    faithful_short = [
+        {k: seen[k] == truth[k] for k in said}
+        for truth, seen, (_, said) in zip(attributes, judge(np.stack(drawn_short)), shorts)
+    ]
     reconstructed = reconstruct(model, images)
     return {
         "attributes": _rate(answers),
         "caption_recall": _rate(recalls),
         "faithfulness": _rate(faithful),
+        "short_prompt_faithfulness": _rate(faithful_short),
         "psnr_db": psnr(images, reconstructed),
         "judge_on_reconstructions": judge_accuracy(judge, reconstructed, attributes),
         "seconds": round(time.time() - start, 1),
@@ -173,22 +202,24 @@ def table(report: dict) -> str:
         f"faithfulness {TARGETS['faithfulness']:.0%}; judge on drawn faces "
         f"{report['judge_on_drawn_faces']:.1%})",
         "",
-        "| config | attributes | caption recall | faithfulness | judge on recon. | PSNR dB | s |",
-        "|---|---|---|---|---|---|---|",
+        "| config | attributes | caption recall | faithfulness | short prompts | judge on recon. "
+        "| PSNR dB | s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['attributes']['mean']:.1%} | {r['caption_recall']['mean']:.1%} | "
-            f"{r['faithfulness']['mean']:.1%} | {r['judge_on_reconstructions']:.1%} | "
-            f"{r['psnr_db']:.2f} | {r['seconds']:.0f} |"
+            f"{r['faithfulness']['mean']:.1%} | {r['short_prompt_faithfulness']['mean']:.1%} | "
+            f"{r['judge_on_reconstructions']:.1%} | {r['psnr_db']:.2f} | {r['seconds']:.0f} |"
         )
-    lines += ["", "| attribute (score / recall / faithful) | " + " | ".join(rows) + " |",
+    lines += ["", "| attribute (score / recall / faithful / short) | " + " | ".join(rows) + " |",
               "|---|" + "---|" * len(rows)]  # fmt: skip
     for attr in next(iter(rows.values()))["attributes"]["per_attribute"]:
         cells = [
             f"{r['attributes']['per_attribute'][attr]:.0%} / "
             f"{r['caption_recall']['per_attribute'][attr]:.0%} / "
-            f"{r['faithfulness']['per_attribute'][attr]:.0%}"
+            f"{r['faithfulness']['per_attribute'][attr]:.0%} / "
+            f"{r['short_prompt_faithfulness']['per_attribute'].get(attr, float('nan')):.0%}"
             for r in rows.values()
         ]
         lines.append(f"| {attr} | " + " | ".join(cells) + " |")

@@ -13,6 +13,7 @@ Labels and what is drawn:
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import cv2
@@ -464,10 +465,26 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _hair_phrases(attributes: dict[str, str], rng: np.random.Generator) -> tuple[str, str]:
-    """A "with" phrase and a standalone sentence for hair; bald faces show colour in the brows."""
+def _hair_phrases(
+    attributes: dict[str, str], rng: np.random.Generator, said: set[str]
+) -> tuple[str, str] | None:
+    """A "with" phrase and a standalone sentence for the hair attributes in `said` (None when
+    neither is); bald faces show their colour in the brows."""
     color = _pick(rng, _HAIR_COLOR_WORDS[attributes["hair color"]])
     length = attributes["hair length"]
+    if "hair length" not in said:
+        if "hair color" not in said:
+            return None
+        if length == "bald":
+            return f"{color} eyebrows", f"Their eyebrows are {color}."
+        return f"{color} hair", f"Their hair is {color}."
+    if "hair color" not in said:
+        with_phrase, sentence = {
+            "bald": (("a bald head", "no hair"), ("They are bald.", "The head is bald.")),
+            "short": (("short hair", "a short haircut"), ("Their hair is short.",)),
+            "long": (("long hair", "long, flowing hair"), ("They have long hair.",)),
+        }[length]
+        return _pick(rng, with_phrase), _pick(rng, sentence)
     if length == "bald":
         with_phrase = _pick(
             rng, (f"a bald head and {color} eyebrows", f"no hair and {color} brows")
@@ -517,30 +534,40 @@ def _third_person(verb_phrase: str) -> str:
     return f"{verb} {rest}"
 
 
-def caption(attributes: dict[str, str], rng: np.random.Generator) -> str:
-    """A varied English description that mentions every attribute and nothing that is not drawn.
+def caption(
+    attributes: dict[str, str], rng: np.random.Generator, mentioned: Collection[str] = ()
+) -> str:
+    """A varied English description that names nothing that is not drawn: every attribute, or
+    only those in `mentioned` (the rest left unsaid, as a person describing a face would).
 
     Styles: one noun phrase with adjectives and "with" clauses, free sentences about "they",
     a mix of both, or a comma-separated tag list; clause order and synonyms are random.
     """
-    hair_with, hair_sentence = _hair_phrases(attributes, rng)
-    background = attributes["background"]
-    background_with = _pick(rng, _BACKGROUND_PHRASES).format(background)
+    said = set(mentioned or ATTRIBUTES)
+    if unknown := said - set(ATTRIBUTES):
+        raise ValueError(f"unknown attributes {sorted(unknown)}")
+    hair = _hair_phrases(attributes, rng, said)
+    background = attributes["background"] if "background" in said else None
+    background_with = _pick(rng, _BACKGROUND_PHRASES).format(background)  # drawn even if unsaid
+    names = [name for name in _PHRASES if name in said]
     style = rng.integers(4)
+    if style == 1 and not names:
+        style = 0  # the subject's sentence needs a verb phrase
 
     if style == 3:  # tag list
-        tags = [_pick(rng, _PHRASES[name][attributes[name]]["with"]) for name in _PHRASES]
-        tags += [hair_with, f"{background} background"]
+        tags = [_pick(rng, _PHRASES[name][attributes[name]]["with"]) for name in names]
+        tags += [hair[0]] if hair else []
+        tags += [f"{background} background"] if background else []
         order = rng.permutation(len(tags))
         return _sentence_case(", ".join(tags[i] for i in order) + ".")
 
-    names = list(_PHRASES)
     order = [names[i] for i in rng.permutation(len(names))]
     if style == 1:  # free sentences only, the first one naming the subject
         verb_phrases = [_pick(rng, _PHRASES[name][attributes[name]]["sentence"]) for name in order]
         subject = _pick(rng, ("This person", "The person shown", "The face in the picture"))
         rest = [f"They {phrase}." for phrase in verb_phrases[1:]]
-        rest += [hair_sentence, _pick(rng, _BACKGROUND_SENTENCES).format(background)]
+        rest += [hair[1]] if hair else []
+        rest += [_pick(rng, _BACKGROUND_SENTENCES).format(background)] if background else []
         rest = [rest[i] for i in rng.permutation(len(rest))]
         return " ".join([f"{subject} {_third_person(verb_phrases[0])}.", *rest])
 
@@ -556,9 +583,12 @@ def caption(attributes: dict[str, str], rng: np.random.Generator) -> str:
             sentences.append(f"They {_pick(rng, phrases['sentence'])}.")
         else:
             withs.append(_pick(rng, phrases["with"]))
-    withs.insert(int(rng.integers(len(withs) + 1)), hair_with)
+    if hair:
+        withs.insert(int(rng.integers(len(withs) + 1)), hair[0])
     subject = _article(" ".join(adjectives + [_pick(rng, _NOUNS)]))
-    text = f"{_pick(rng, _OPENINGS)}{subject} with {_join(withs)} {background_with}."
+    text = f"{_pick(rng, _OPENINGS)}{subject}"
+    text += f" with {_join(withs)}" if withs else ""
+    text += f" {background_with}." if background else "."
     sentences = [sentences[i] for i in rng.permutation(len(sentences))]
     return _sentence_case(" ".join([text, *sentences]))
 

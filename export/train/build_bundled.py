@@ -4,7 +4,7 @@
     python -m facert.export.train.build_bundled --work DIR
 
 About an hour on two cores: the vocabulary (seconds), the VQGAN (~15 min), the training faces'
-codes (~4 min), the LM (~33 min), the evaluation kit's attribute classifier (~12 min), then the
+codes (~4-10 min), the LM (~26 min), the evaluation kit's attribute classifier (~12 min), then the
 model directory with its fp32 ONNX graphs (seconds). The VQGAN and the LM train with bf16
 products: on a CPU without native bf16 (AVX-512 BF16 or AMX) expect them to take longer.
 Every step resumes from its checkpoint and a finished step is skipped, so an interrupted build

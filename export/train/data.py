@@ -27,9 +27,12 @@ def faces(seed: int, indices: range, size: int) -> tuple[np.ndarray, list[dict[s
     return np.stack([f.image for f in drawn]), [f.attributes for f in drawn]
 
 
-def caption_of(attributes: dict[str, str], epoch: int, index: int) -> str:
-    """A training caption of face `index`, different in every epoch."""
-    return caption(attributes, np.random.default_rng([CAPTION_SEED, epoch, index]))
+def caption_of(
+    attributes: dict[str, str], epoch: int, index: int, mentioned: tuple[str, ...] = ()
+) -> str:
+    """A training caption of face `index`, different in every epoch; of every attribute, or of
+    those `mentioned` only."""
+    return caption(attributes, np.random.default_rng([CAPTION_SEED, epoch, index]), mentioned)
 
 
 def attribute_values() -> dict[str, list[str]]:

@@ -1,9 +1,12 @@
 """Train the bundled model's small Talk2Face LM on VQGAN codes of synthetic faces (CPU).
 
-Every step takes a batch of faces and trains all three tasks on them with the runtime's
-templates: a fresh caption -> the face's codes (to_image), the codes -> another fresh caption
-(to_caption), and the codes -> the answers to two random attribute questions (to_attributes).
-The LM is `facert.export.lm.Talk2FaceLM` unchanged, with its prefix mask.
+Every step takes a batch of faces and trains the three tasks on them with the runtime's
+templates: a fresh caption -> the face's codes (to_image), for every face of the batch; for the
+first TEXT_FACES of them also the codes -> another fresh caption (to_caption), and the codes ->
+every attribute's answer (to_attributes, the questions packed into one row). Drawing is the
+hardest task, so it gets the most rows. Some drawing captions name only a few attributes, as
+people's descriptions do; captions to learn always name all of them. The LM is
+`facert.export.lm.Talk2FaceLM` unchanged; only packed rows need a mask of their own.
 
     python -m facert.export.train.lm -o train-out   # needs vocab.txt and vqgan.safetensors there
 """
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from facert.export.lm import Talk2FaceLM, prefix_mask_bias
+from facert.export.lm import Talk2FaceLM
 from facert.export.vqgan import VQGAN
 from facert.runtime.config import LMConfig, ModelConfig
 from facert.runtime.images import scale_pixels
@@ -29,16 +32,17 @@ from facert.runtime.tokenizer import WordPieceTokenizer
 from . import vqgan as vq
 from .common import Log, learning_rate, resume, save_checkpoint, script_main, set_lr, setup
 from .data import PROMPTS, SPECIAL_TOKENS, TRAIN_SEED, attribute_values, caption_of, faces
-from .sequences import IGNORE, attribute_row, caption_row, collate, image_row
+from .sequences import IGNORE, attribute_row, caption_row, collate, group_mask_bias, image_row
 
 N_LAYER, N_HEAD, N_EMBD = 4, 4, 192  # 2.1M parameters: the bundled files must stay small
 SEQ_LENGTH = 144  # longest template: 69-id caption prompt + a 55-word caption + [SEP], with room
-N_FACES = 30000  # faces whose codes are precomputed: about three epochs
-STEPS, BATCH, PEAK_LR, WARMUP = 4000, 24, 1e-3, 50
-ATTRIBUTES_PER_FACE = 2
+N_FACES = 30000  # faces whose codes are precomputed: each is drawn about four times
+STEPS, BATCH, TEXT_FACES, PEAK_LR, WARMUP = 4000, 32, 24, 1e-3, 50
+PARTIAL_CAPTIONS = 0.3  # share of drawing captions that name a random subset of attributes
 # Rows are padded to one length per task so that torch.compile builds each graph once (about
-# 1.7x faster steps): image 64 prompt ids + 64 codes; caption 69 + at most 55 words + [SEP].
-PAD_TO = {"image": 128, "caption": 128, "attr": 80}
+# 1.7x faster steps): image 64 prompt ids + 64 codes; caption 69 + at most 55 words + [SEP];
+# attributes 69 + 37 ids of eight questions and answers.
+PAD_TO = {"image": 128, "caption": 128, "attr": 112}
 VALID_SEED = 2  # monitoring only; neither training (TRAIN_SEED) nor evaluation (EVAL_SEED)
 CODES, CHECKPOINT, WEIGHTS, VOCAB = "codes.npz", "lm.ckpt", "lm.safetensors", "vocab.txt"
 
@@ -93,29 +97,32 @@ def make_rows(t: Templates, codes: np.ndarray, attributes: list[dict], indices, 
     rng = np.random.default_rng([3, step])
     names = list(t.config.attributes)
     image, text, answers = [], [], []
-    for i in indices:
+    for k, i in enumerate(indices):
         a = attributes[i]
-        image.append(image_row(t, caption_of(a, 2 * step, i), codes[i], rng))
-        text.append(caption_row(t, codes[i], caption_of(a, 2 * step + 1, i)))
-        for name in rng.choice(names, ATTRIBUTES_PER_FACE, replace=False):
-            answers.append(attribute_row(t, codes[i], str(name), a[name]))
+        said = ()
+        if rng.random() < PARTIAL_CAPTIONS:
+            said = tuple(map(str, rng.choice(names, rng.integers(1, len(names)), replace=False)))
+        image.append(image_row(t, caption_of(a, 2 * step, i, said), codes[i], rng))
+        if k < TEXT_FACES:
+            text.append(caption_row(t, codes[i], caption_of(a, 2 * step + 1, i)))
+            order = rng.permutation(names)
+            answers.append(attribute_row(t, codes[i], {str(n): a[n] for n in order}))
     return image, text, answers
 
 
 def full_hidden(lm: Talk2FaceLM):
-    """(B, T) ids, segments -> (B, T, C) hidden states of a full prefix-LM forward."""
+    """(B, T) ids, segments, positions, groups -> (B, T, C) hidden states of a full forward."""
 
-    def hidden(ids: torch.Tensor, segs: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
-        return lm.hidden(ids, segs, positions, prefix_mask_bias(segs))
+    def hidden(ids, segs, positions, groups: torch.Tensor) -> torch.Tensor:
+        return lm.hidden(ids, segs, positions, group_mask_bias(segs, groups))
 
     return hidden
 
 
 def task_loss(lm: Talk2FaceLM, hidden, rows, window, length: int) -> tuple[torch.Tensor, float]:
     """Mean cross-entropy over a task's targets, softmax over its window; and top-1 accuracy."""
-    ids, segs, targets = collate(rows, window[0], length)
-    h = hidden(ids, segs)  # (B, T, C)
+    ids, segs, positions, groups, targets = collate(rows, window[0], length)
+    h = hidden(ids, segs, positions, groups)  # (B, T, C)
     keep = targets != IGNORE  # (B, T)
     logits = lm.logits(h[keep], window)  # (N, W)
     loss = F.cross_entropy(logits, targets[keep])
