@@ -113,7 +113,7 @@ def make_rows(t: Templates, codes: np.ndarray, attributes: list[dict], indices, 
 def full_hidden(lm: Talk2FaceLM):
     """(B, T) ids, segments, positions, groups -> (B, T, C) hidden states of a full forward."""
 
-    def hidden(ids, segs, positions, groups: torch.Tensor) -> torch.Tensor:
+    def hidden(ids, segs, positions, groups):  # (B, T) each -> (B, T, C)
         return lm.hidden(ids, segs, positions, group_mask_bias(segs, groups))
 
     return hidden

@@ -40,7 +40,7 @@ def _row(prompt_ids: np.ndarray, prompt_segs: np.ndarray, continuation: list[int
     ids = [*map(int, prompt_ids), *continuation]
     segs = [*map(int, prompt_segs), *([2] * n)]
     targets = [IGNORE] * (P - 1) + continuation + [IGNORE]
-    groups = [int(g == 2) for g in segs]
+    groups = [int(s == 2) for s in segs]
     return Row(ids, segs, list(range(len(ids))), groups, targets[: len(ids)])
 
 
@@ -62,20 +62,19 @@ def caption_row(t: Templates, codes: np.ndarray, text: str) -> Row:
 def attribute_row(t: Templates, codes: np.ndarray, answers: dict[str, str]) -> Row:
     """Every question of `answers` (name -> value, in order) about one face, packed."""
     packed = None
-    for name, value in answers.items():
+    for group, (name, value) in enumerate(answers.items(), start=1):
         answer = t.candidate_ids(value)
         seq = t.to_attribute(codes, name, forced=answer)
         row = _row(seq.prompt_ids, seq.prompt_segs, answer)
-        P = int((np.asarray(row.segs) == 1).sum())
         if packed is None:
             packed = row
             continue
-        group = packed.groups[-1] + 1
-        packed.ids += row.ids[P:]
-        packed.segs += row.segs[P:]
-        packed.positions += row.positions[P:]
-        packed.groups += [group] * (len(row.ids) - P)
-        packed.targets += row.targets[P:]
+        question = row.segs.index(2)  # the prefix before it is already in the packed row
+        packed.ids += row.ids[question:]
+        packed.segs += row.segs[question:]
+        packed.positions += row.positions[question:]
+        packed.groups += [group] * (len(row.ids) - question)
+        packed.targets += row.targets[question:]
     if packed is None:
         raise ValueError("no attribute questions to pack")
     return packed
@@ -84,7 +83,7 @@ def attribute_row(t: Templates, codes: np.ndarray, answers: dict[str, str]) -> R
 def group_mask_bias(segs: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Additive mask, (B, T) segments and groups -> (B, 1, T, T): key j is visible to query i
     iff j is in segment 1 (the shared prefix), or j <= i in the same segment-2 group. For a row
-    with one group this is `facert.export.lm.prefix_mask_bias`."""
+    with one group it is `facert.export.lm.prefix_mask_bias` on every query but padding."""
     T = segs.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segs.device).tril()  # (T, T) [i, j]
     prefix_key = (segs == 1)[:, None, None, :]  # (B, 1, 1, T)
