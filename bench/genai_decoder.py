@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from safetensors.numpy import load_file
 
-from facert.runtime.config import LM_FILE, load_config, model_hash
+from facert.runtime.config import LM_FILE, load_config, load_weights, model_hash
 from facert.runtime.onnx_engines import cache_root, resolve_engine
 
 CONFIG = "genai_config.json"
@@ -114,7 +113,7 @@ def build(model_dir: Path, threads: int | None = None) -> Path:
         tmp = out.with_name(out.name + ".partial")  # renamed when complete
         tmp.mkdir(parents=True, exist_ok=True)
         engine = resolve_engine(Path(model_dir), "fp32", progress=False)
-        head = load_file(str(Path(model_dir) / LM_FILE))["lm_head.weight"]
+        head = load_weights(Path(model_dir) / LM_FILE)["lm_head.weight"]
         onnx.save_model(
             decoder_graph(engine, head), tmp / "model.onnx",
             save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",

@@ -2,6 +2,7 @@
 
 A facert model directory holds `facert.json`, `lm.safetensors`, `vqgan.safetensors` and
 `vocab.txt`. Everything a backend or a task needs to know about the model is read from here.
+Weights may be stored in float32 or float16 (half the bytes); every backend computes in float32.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .errors import FacertError
 
@@ -151,3 +154,14 @@ def model_hash(model_dir: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def load_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """A safetensors file -> float32 arrays by name (float16 files are widened exactly)."""
+    from safetensors.numpy import load_file
+
+    try:
+        weights = load_file(str(path))
+    except (OSError, TypeError, ValueError) as e:  # bfloat16 has no numpy type
+        raise FacertError(f"cannot read {path} (float32 or float16 weights expected): {e}") from e
+    return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in weights.items()}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from facert.export.checkpoint import Placeholder, read_checkpoint
 from facert.export.convert import OLD_TP_NAMES, convert
-from facert.runtime.config import load_config
+from facert.runtime.config import LM_FILE, VQGAN_FILE, load_config
 from facert.runtime.errors import FacertError
 
 from .conftest import T2F, VOCAB, VQ
@@ -108,3 +109,40 @@ def test_restricted_reader_returns_the_same_tensors():
     ref = torch.load(T2F / "talk2face.bin", weights_only=True)
     got = read_checkpoint(T2F / "talk2face.bin")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def _copy_weights(source, target, cast) -> None:
+    """A copy of a model directory whose two weight files went through `cast`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("onnx"))
+    for name in (LM_FILE, VQGAN_FILE):
+        weights = load_file(str(source / name))
+        save_file({k: cast(v) if v.is_floating_point() else v for k, v in weights.items()},
+                  str(target / name))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_float16_weights_compute_what_widened_float32_does(tiny_model_dir, tmp_path, backend):
+    import facert
+
+    _copy_weights(tiny_model_dir, tmp_path / "half", lambda v: v.half())
+    _copy_weights(tiny_model_dir, tmp_path / "widened", lambda v: v.half().float())
+    ids, segs = [101, 2158, 102, 30522, 30600], [1, 1, 1, 2, 2]
+    got = [
+        facert.load(tmp_path / d, backend=backend, progress=False).forward_logits(ids, segs)
+        for d in ("half", "widened")
+    ]
+    np.testing.assert_array_equal(got[0], got[1])
+    original = facert.load(tiny_model_dir, backend=backend, progress=False)
+    assert not np.array_equal(got[0], original.forward_logits(ids, segs))  # the rounding is real
+
+
+def test_bfloat16_weights_are_refused_clearly(tiny_model_dir, tmp_path):
+    import facert
+
+    _copy_weights(tiny_model_dir, tmp_path / "bf16", lambda v: v.bfloat16())
+    with pytest.raises(FacertError, match="float16"):
+        facert.load(tmp_path / "bf16", progress=False)

@@ -1,5 +1,6 @@
 """Training rows are what inference computes: a packed attribute row gives every question the
-same log-probabilities as its own unpacked row under the runtime's prefix mask."""
+same log-probabilities as its own unpacked row under the runtime's prefix mask; a step's
+reading rows are about the faces its drawing rows draw."""
 
 import numpy as np
 import pytest
@@ -69,3 +70,25 @@ def test_group_mask_is_the_prefix_mask_for_unpacked_rows(bundled):
     assert torch.equal(
         group_mask_bias(segs, groups)[:, 0][queries], prefix_mask_bias(segs)[:, 0][queries]
     )
+
+
+def test_reading_rows_read_the_faces_their_drawing_rows_draw(bundled):
+    from facert.export.train.lm import make_rows
+
+    _, t = bundled
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, t.config.vqgan.n_embed, (5, 64))
+    attributes = [{k: str(rng.choice(v)) for k, v in t.config.attributes.items()} for _ in codes]
+    indices = [3, 0, 4]
+    image, text, answers = make_rows(t, codes, attributes, indices, step=7, text_faces=2)
+    assert (len(image), len(text), len(answers)) == (3, 2, 2)
+    image_ids = codes + t.config.lm.text_vocab_size  # (5, 64) as LM ids
+    for k, i in enumerate(indices):
+        assert image[k].ids[-64:] == image_ids[i].tolist()  # draws face i
+    for k, i in enumerate(indices[:2]):
+        assert _contains(text[k].ids, image_ids[i].tolist())  # captions face i
+        assert _contains(answers[k].ids, image_ids[i].tolist())  # answers about face i
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[s : s + len(part)] == part for s in range(len(ids) - len(part) + 1))

@@ -1,5 +1,5 @@
-"""What the three training scripts share: threads and seeds, the learning-rate schedule, and
-checkpoints that make every run resumable."""
+"""What the three training scripts share: threads and seeds, bf16 products where the CPU has
+them, the learning-rate schedule, and checkpoints that make every run resumable."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ from pathlib import Path
 import torch
 
 THREADS = 2
+# oneDNN's bf16 kernels need AVX-512 (BF16 or AMX for speed). Without them torch falls back to a
+# reference bf16 GEMM about 100x slower than float32 (measured on an AVX2-only EPYC), so such
+# CPUs train in float32.
+NATIVE_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fast_products() -> torch.autocast:
+    """bf16 matrix products on CPUs with native bf16 (about 2x faster steps), else float32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=NATIVE_BF16)
 
 
 def setup(seed: int) -> None:
@@ -80,10 +89,12 @@ class Log:
         self.sums, self.count, self.start = {}, 0, time.time()
 
 
-def script_main(doc: str, train: Callable[[Path, int], Path], steps: int) -> None:
-    """The command line of a training script: `-o DIR [--steps N]`, then print what it wrote."""
+def script_main(doc: str, train: Callable[..., Path], steps: int | None = None) -> None:
+    """The command line of a training script: `-o DIR [--steps N]` (--steps where the script
+    has a single schedule), then print what it wrote."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("-o", "--output", type=Path, required=True, help="training directory")
-    p.add_argument("--steps", type=int, default=steps)
+    if steps is not None:
+        p.add_argument("--steps", type=int, default=steps)
     args = p.parse_args()
-    print(train(args.output, args.steps))
+    print(train(args.output) if steps is None else train(args.output, args.steps))

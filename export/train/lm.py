@@ -2,10 +2,11 @@
 
 Every step takes a batch of faces and trains the three tasks on them with the runtime's
 templates: a fresh caption -> the face's codes (to_image), for every face of the batch; for the
-first TEXT_FACES of them also the codes -> another fresh caption (to_caption), and the codes ->
+first `text_faces` of them also the codes -> another fresh caption (to_caption), and the codes ->
 every attribute's answer (to_attributes, the questions packed into one row). Drawing is the
-hardest task, so it gets the most rows. Some drawing captions name only a few attributes, as
-people's descriptions do; captions to learn always name all of them. The LM is
+hardest task, so it gets the most rows, and a second stage (STAGES) continues with drawing rows
+and only a few reading rows. Some drawing captions name only a few attributes, as people's
+descriptions do; captions to learn always name all of them. The LM is
 `facert.export.lm.Talk2FaceLM` unchanged; only packed rows need a mask of their own.
 
     python -m facert.export.train.lm -o train-out   # needs vocab.txt and vqgan.safetensors there
@@ -14,6 +15,8 @@ people's descriptions do; captions to learn always name all of them. The LM is
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from facert.runtime.images import scale_pixels
 from facert.runtime.tasks import Templates
 from facert.runtime.tokenizer import WordPieceTokenizer
 
+from . import common
 from . import vqgan as vq
 from .common import Log, learning_rate, resume, save_checkpoint, script_main, set_lr, setup
 from .data import PROMPTS, SPECIAL_TOKENS, TRAIN_SEED, attribute_values, caption_of, faces
@@ -37,12 +41,29 @@ from .sequences import IGNORE, attribute_row, caption_row, collate, group_mask_b
 N_LAYER, N_HEAD, N_EMBD = 4, 4, 192  # 2.1M parameters: the bundled files must stay small
 SEQ_LENGTH = 144  # longest template: 69-id caption prompt + a 55-word caption + [SEP], with room
 N_FACES = 30000  # faces whose codes are precomputed: each is drawn about four times
-STEPS, BATCH, TEXT_FACES, PEAK_LR, WARMUP = 4000, 32, 24, 1e-3, 50
+BATCH, WARMUP = 32, 50
 PARTIAL_CAPTIONS = 0.3  # share of drawing captions that name a random subset of attributes
 # Rows are padded to one length per task so that torch.compile builds each graph once (about
 # 1.7x faster steps): image 64 prompt ids + 64 codes; caption 69 + at most 55 words + [SEP];
 # attributes 69 + 37 ids of eight questions and answers.
 PAD_TO = {"image": 128, "caption": 128, "attr": 112}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass over fresh batches with its own optimizer and learning-rate schedule."""
+
+    name: str
+    steps: int
+    peak_lr: float
+    text_faces: int  # faces of each batch that also train captioning and attribute answers
+
+
+# Stage 1 learns the three tasks together. Drawing learns small attributes (eyewear, hair colour)
+# last, so stage 2 spends most of each step on it; its few reading rows keep captions and
+# answers from being forgotten (drawing rows alone drop both to near chance within 1200 steps).
+STAGES = (Stage("tasks", 4000, 1e-3, 24), Stage("drawing", 2500, 3e-4, 8))
+VALID_TEXT_FACES = 24
 VALID_SEED = 2  # monitoring only; neither training (TRAIN_SEED) nor evaluation (EVAL_SEED)
 CODES, CHECKPOINT, WEIGHTS, VOCAB = "codes.npz", "lm.ckpt", "lm.safetensors", "vocab.txt"
 
@@ -92,8 +113,11 @@ def init_weights(lm: Talk2FaceLM) -> None:
             nn.init.normal_(p, std=std)
 
 
-def make_rows(t: Templates, codes: np.ndarray, attributes: list[dict], indices, step: int):
-    """The step's rows per task: (image rows, caption rows, attribute rows)."""
+def make_rows(
+    t: Templates, codes: np.ndarray, attributes: list[dict], indices, step: int, text_faces: int
+):
+    """The step's rows per task: (image rows, caption rows, attribute rows); `step` counts
+    across stages, so every step draws fresh captions."""
     rng = np.random.default_rng([3, step])
     names = list(t.config.attributes)
     image, text, answers = [], [], []
@@ -103,7 +127,7 @@ def make_rows(t: Templates, codes: np.ndarray, attributes: list[dict], indices, 
         if rng.random() < PARTIAL_CAPTIONS:
             said = tuple(map(str, rng.choice(names, rng.integers(1, len(names)), replace=False)))
         image.append(image_row(t, caption_of(a, 2 * step, i, said), codes[i], rng))
-        if k < TEXT_FACES:
+        if k < text_faces:
             text.append(caption_row(t, codes[i], caption_of(a, 2 * step + 1, i)))
             order = rng.permutation(names)
             answers.append(attribute_row(t, codes[i], {str(n): a[n] for n in order}))
@@ -143,51 +167,69 @@ def losses(lm: Talk2FaceLM, hidden, t: Templates, batch) -> tuple[torch.Tensor, 
     return total, metrics
 
 
-def train(out_dir: Path, steps: int = STEPS) -> Path:
-    """Train (or resume) and write `lm.safetensors` in out_dir."""
+def train(out_dir: Path) -> Path:
+    """Train (or resume) every stage and write `lm.safetensors` in out_dir. Each stage starts
+    from the weights the one before wrote (`lm-<stage>.safetensors`); a stage whose weights
+    exist is skipped."""
     setup(1)
     tokenizer = WordPieceTokenizer(out_dir / VOCAB)
     config = bundled_config(tokenizer.vocab_size)
     t = Templates(config, tokenizer)
     codes, attributes = encode_faces(out_dir, TRAIN_SEED, N_FACES)
     valid_codes, valid_attributes = encode_faces(out_dir, VALID_SEED, 48)
-    valid = make_rows(t, valid_codes, valid_attributes, range(48), 0)
+    valid = make_rows(t, valid_codes, valid_attributes, range(48), 0, VALID_TEXT_FACES)
     lm = Talk2FaceLM(config.lm)
     init_weights(lm)
+    first_step = 0
+    for stage in STAGES:
+        path = out_dir / f"lm-{stage.name}.safetensors"
+        if not path.is_file():
+            train_stage(lm, stage, first_step, out_dir / f"lm-{stage.name}.ckpt", t, codes,
+                        attributes, valid)  # fmt: skip
+            save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(path))
+        lm.load_state_dict(load_file(str(path)))
+        first_step += stage.steps
+    final = out_dir / WEIGHTS
+    shutil.copyfile(path, final)
+    return final
+
+
+def train_stage(
+    lm: Talk2FaceLM, stage: Stage, first_step: int, checkpoint: Path, t: Templates,
+    codes: np.ndarray, attributes: list[dict], valid,
+) -> None:  # fmt: skip
+    """One stage from a fresh AdamW, resuming from its checkpoint if there is one."""
     decay, rest = [], []
     for name, p in lm.named_parameters():
         (decay if p.dim() == 2 and name != "wpe.weight" else rest).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-        lr=PEAK_LR, betas=(0.9, 0.98),
+        lr=stage.peak_lr, betas=(0.9, 0.98),
     )  # fmt: skip
-    start = resume(out_dir / CHECKPOINT, lm=lm, optimizer=optimizer)
+    start = resume(checkpoint, lm=lm, optimizer=optimizer)
     train_hidden = torch.compile(full_hidden(lm), dynamic=False)
-    log = Log("lm", steps, every=10)
-    for step in range(start, steps):
+    log = Log(f"lm {stage.name}", stage.steps, every=10)
+    for step in range(start, stage.steps):
         lm.train()
-        lr = learning_rate(step, steps, PEAK_LR, WARMUP)
+        lr = learning_rate(step, stage.steps, stage.peak_lr, WARMUP)
         set_lr(optimizer, lr)
-        indices = np.random.default_rng([4, step]).choice(N_FACES, BATCH, replace=False)
-        rows = make_rows(t, codes, attributes, indices, step)
-        # bf16 products: about 2x faster steps on CPUs that have them; the weights stay fp32
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        data_step = first_step + step
+        indices = np.random.default_rng([4, data_step]).choice(N_FACES, BATCH, replace=False)
+        rows = make_rows(t, codes, attributes, indices, data_step, stage.text_faces)
+        with common.fast_products():  # the weights stay fp32
             loss, metrics = losses(lm, train_hidden, t, rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         optimizer.step()
         log.add(step, lr, **metrics)
-        if (step + 1) % 100 == 0 or step + 1 == steps:
+        if (step + 1) % 100 == 0 or step + 1 == stage.steps:
             lm.eval()
             with torch.no_grad():
                 _, v = losses(lm, full_hidden(lm), t, valid)
             print("lm valid  " + "  ".join(f"{k} {x:.4f}" for k, x in v.items()), flush=True)
-            save_checkpoint(out_dir / CHECKPOINT, step + 1, lm=lm, optimizer=optimizer)
-    path = out_dir / WEIGHTS
-    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(path))
-    return path
+            save_checkpoint(checkpoint, step + 1, lm=lm, optimizer=optimizer)
 
 
 if __name__ == "__main__":
-    script_main(__doc__, train, STEPS)
+    script_main(__doc__, train)

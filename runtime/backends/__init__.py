@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import LM_FILE, ModelConfig
+from ..config import LM_FILE, ModelConfig, load_weights
 from ..errors import FacertError
 from .base import Backend
 
@@ -73,7 +73,5 @@ def fused_decoder(
             f"the fused decode kernel runs on the CPU provider in {' or '.join(PRECISIONS)}; "
             f"use decode='graph' for {precision} on {', '.join(providers)}"
         )
-    from safetensors.numpy import load_file
-
-    weights = load_file(str(model_dir / LM_FILE))
+    weights = load_weights(model_dir / LM_FILE)
     return FusedDecoder(weights, config.lm.n_head, config.lm.layernorm_eps, precision, threads)

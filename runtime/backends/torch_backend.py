@@ -6,13 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from facert.export.lm import Talk2FaceLM, decode_mask_bias, prefix_mask_bias
 from facert.export.vqgan import VQGAN
 
-from ..config import LM_FILE, VQGAN_FILE, ModelConfig
+from ..config import LM_FILE, VQGAN_FILE, ModelConfig, load_weights
 from .base import pad_rows
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in load_weights(path).items()}
 
 
 class TorchBackend:
@@ -21,9 +24,9 @@ class TorchBackend:
     def __init__(self, model_dir: Path, config: ModelConfig, device: str = "cpu"):
         self.config, self.device = config, torch.device(device)
         self.lm = Talk2FaceLM(config.lm)
-        self.lm.load_state_dict(load_file(str(Path(model_dir) / LM_FILE)))
+        self.lm.load_state_dict(_tensors(Path(model_dir) / LM_FILE))
         self.vqgan = VQGAN(config.vqgan)
-        self.vqgan.load_state_dict(load_file(str(Path(model_dir) / VQGAN_FILE)))
+        self.vqgan.load_state_dict(_tensors(Path(model_dir) / VQGAN_FILE))
         self.lm.to(self.device).eval()
         self.vqgan.to(self.device).eval()
         self.k_cache = self.v_cache = None
