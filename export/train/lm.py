@@ -65,7 +65,7 @@ class Stage:
 STAGES = (Stage("tasks", 4000, 1e-3, 24), Stage("drawing", 2500, 3e-4, 8))
 VALID_TEXT_FACES = 24
 VALID_SEED = 2  # monitoring only; neither training (TRAIN_SEED) nor evaluation (EVAL_SEED)
-CODES, CHECKPOINT, WEIGHTS, VOCAB = "codes.npz", "lm.ckpt", "lm.safetensors", "vocab.txt"
+WEIGHTS, VOCAB = "lm.safetensors", "vocab.txt"
 
 
 def bundled_config(text_vocab_size: int) -> ModelConfig:
