@@ -15,7 +15,6 @@ descriptions do; captions to learn always name all of them. The LM is
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,15 +182,19 @@ def train(out_dir: Path) -> Path:
     first_step = 0
     for stage in STAGES:
         path = out_dir / f"lm-{stage.name}.safetensors"
-        if not path.is_file():
+        if path.is_file():  # finished in an earlier run
+            lm.load_state_dict(load_file(str(path)))
+        else:
             train_stage(lm, stage, first_step, out_dir / f"lm-{stage.name}.ckpt", t, codes,
                         attributes, valid)  # fmt: skip
-            save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(path))
-        lm.load_state_dict(load_file(str(path)))
+            save_weights(lm, path)
         first_step += stage.steps
-    final = out_dir / WEIGHTS
-    shutil.copyfile(path, final)
-    return final
+    save_weights(lm, out_dir / WEIGHTS)
+    return out_dir / WEIGHTS
+
+
+def save_weights(lm: Talk2FaceLM, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(path))
 
 
 def train_stage(
