@@ -23,12 +23,15 @@ TILE = 256  # faces are enlarged to this width on the sheet
 PAD = 8
 
 
-def run_demo(model: FaceModel, text: str, n: int, out_dir: Path, seed: int = 0) -> dict:
+def run_demo(
+    model: FaceModel, text: str, n: int, out_dir: Path, seed: int = 0,
+    candidates: int | None = None,
+) -> dict:  # fmt: skip
     """Generate, analyse and write everything; returns the report (also saved as JSON)."""
     if n < 1:
         raise FacertError("-n must be at least 1")
     out_dir.mkdir(parents=True, exist_ok=True)
-    faces = model.generate_faces(text, n=n, seed=seed)
+    faces = model.generate_faces(text, n=n, seed=seed, candidates=candidates)
     asked = {k: v for k, v in mentioned(text).items() if len(v) == 1}  # what the text says
     entries = []
     for i, face in enumerate(faces):
@@ -48,6 +51,7 @@ def run_demo(model: FaceModel, text: str, n: int, out_dir: Path, seed: int = 0) 
         "backend": model.backend.name,
         "text": text,
         "seed": seed,
+        "candidates": candidates or model.config.image_candidates,
         "attributes_in_text": {k: sorted(v)[0] for k, v in asked.items()},
         "faces": entries,
     }

@@ -5,9 +5,11 @@ On N faces of a dataset seed that training never drew (export/train/data.py):
 - attributes: score-mode accuracy per attribute (target: 95% on average);
 - caption recall: of each face's attribute values, the fraction its greedy caption names, and
   names alone (synonyms allowed, bench/mentions.py) (target: 90%);
-- faithfulness: one face drawn from a fresh caption of each held-out face (sampling defaults,
-  seed = face index), judged by the model's evaluation kit (eval/attribute_classifier.onnx):
-  how often it shows the caption's value, per attribute (target: 85%);
+- faithfulness: one face drawn from a fresh caption of each held-out face (sampling defaults
+  and the model's image_candidates unless --candidates says otherwise, seed = face index),
+  judged by the model's evaluation kit (eval/attribute_classifier.onnx): how often it shows
+  the caption's value, per attribute (target: 85%); with more than one candidate, plain
+  sampling (one drawing) is reported beside it as "single";
 - short-prompt faithfulness: the same from a caption that names only SHORT_PROMPT_NAMES random
   attributes, as people write them, judged on those (no target; a model that only follows
   the generator's complete captions shows here);
@@ -112,12 +114,19 @@ def judge_accuracy(judge: Judge, images: np.ndarray, attributes: list[dict]) -> 
     return float(np.mean(hits))
 
 
-def evaluate(model: FaceModel, judge: Judge, n: int, quiet: bool = False, label: str = "") -> dict:
-    """All measures for one loaded model on n held-out faces."""
+def evaluate(
+    model: FaceModel, judge: Judge, n: int, quiet: bool = False, label: str = "",
+    candidates: int | None = None,
+) -> dict:  # fmt: skip
+    """All measures for one loaded model on n held-out faces, drawing with `candidates`
+    (default: the model's image_candidates)."""
+    candidates = model.config.image_candidates if candidates is None else candidates
     images, attributes, captions = held_out(n, model.config.vqgan.resolution)
     shorts = short_prompts(attributes)
     names = list(model.config.attributes)
-    answers, recalls, drawn, drawn_short, examples = [], [], [], [], []
+    runs = {"": candidates, "_single": 1} if candidates > 1 else {"": 1}
+    answers, recalls, examples = [], [], []
+    drawn = {(suffix, kind): [] for suffix in runs for kind in ("full", "short")}
     start = time.time()
     for i in tqdm(range(n), desc=label or model.backend.name, unit="face", disable=quiet):
         truth = attributes[i]
@@ -125,25 +134,30 @@ def evaluate(model: FaceModel, judge: Judge, n: int, quiet: bool = False, label:
         answers.append({k: scored[k]["value"] == truth[k] for k in names})
         text = model.caption(images[i])
         recalls.append(recall(text, truth))
-        drawn.append(model.generate_faces(captions[i], n=1, seed=i)[0])
-        drawn_short.append(model.generate_faces(shorts[i][0], n=1, seed=i)[0])
+        for suffix, k in runs.items():
+            drawn[suffix, "full"] += model.generate_faces(captions[i], seed=i, candidates=k)
+            drawn[suffix, "short"] += model.generate_faces(shorts[i][0], seed=i, candidates=k)
         if i < 5:
             examples.append({"truth": truth, "caption": text, "prompt": captions[i],
                              "short_prompt": shorts[i][0]})  # fmt: skip
-    faithful = [
-        {k: seen[k] == truth[k] for k in judge.attributes}
-        for truth, seen in zip(attributes, judge(np.stack(drawn)))
-    ]
-    faithful_short = [
-        {k: seen[k] == truth[k] for k in said}
-        for truth, seen, (_, said) in zip(attributes, judge(np.stack(drawn_short)), shorts)
-    ]
     reconstructed = reconstruct(model, images)
-    return {
+    report = {
         "attributes": _rate(answers),
         "caption_recall": _rate(recalls),
-        "faithfulness": _rate(faithful),
-        "short_prompt_faithfulness": _rate(faithful_short),
+        "candidates": candidates,
+    }
+    for suffix in runs:
+        report[f"faithfulness{suffix}"] = _rate([
+            {k: seen[k] == truth[k] for k in judge.attributes}
+            for truth, seen in zip(attributes, judge(np.stack(drawn[suffix, "full"])))
+        ])  # fmt: skip
+        report[f"short_prompt_faithfulness{suffix}"] = _rate([
+            {k: seen[k] == truth[k] for k in said}
+            for truth, seen, (_, said) in zip(
+                attributes, judge(np.stack(drawn[suffix, "short"])), shorts
+            )
+        ])  # fmt: skip
+    return report | {
         "psnr_db": psnr(images, reconstructed),
         "judge_on_reconstructions": judge_accuracy(judge, reconstructed, attributes),
         "seconds": round(time.time() - start, 1),
@@ -153,7 +167,7 @@ def evaluate(model: FaceModel, judge: Judge, n: int, quiet: bool = False, label:
 
 def run(
     model_dir: Path | None, configs: str, n: int, threads: int | None = None,
-    out_dir: Path | None = None, quiet: bool = False,
+    out_dir: Path | None = None, quiet: bool = False, candidates: int | None = None,
 ) -> dict:  # fmt: skip
     """Evaluate each BACKEND:PRECISION configuration ("onnxruntime:int8,torch:fp32"), print the
     tables and write quality-MODEL.json into out_dir; returns the report."""
@@ -164,6 +178,8 @@ def run(
 
     if n < 1:
         raise FacertError("-n must be at least 1")
+    if candidates is not None and candidates < 1:
+        raise FacertError("--candidates must be at least 1")
     model_dir = Path(model_dir or facert.BUNDLED_MODEL)
     judge = Judge(model_dir)
     results: dict[str, dict] = {}
@@ -172,7 +188,7 @@ def run(
         m = facert.load(model_dir, backend=backend, precision=precision, progress=not quiet,
                         **options)  # fmt: skip
         label = f"{backend}:{precision}"
-        results[label] = evaluate(m, judge, n, quiet, label)
+        results[label] = evaluate(m, judge, n, quiet, label, candidates)
     images, attributes, _ = held_out(n, m.config.vqgan.resolution)
     report = {
         "scenario": "quality",
@@ -202,15 +218,22 @@ def table(report: dict) -> str:
         f"faithfulness {TARGETS['faithfulness']:.0%}; judge on drawn faces "
         f"{report['judge_on_drawn_faces']:.1%})",
         "",
-        "| config | attributes | caption recall | faithfulness | short prompts | judge on recon. "
-        "| PSNR dB | s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | attributes | caption recall | faithfulness | short prompts | drawings per face "
+        "| one drawing: faithfulness, short | judge on recon. | PSNR dB | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
+        single = (
+            f"{r['faithfulness_single']['mean']:.1%}, "
+            f"{r['short_prompt_faithfulness_single']['mean']:.1%}"
+            if "faithfulness_single" in r
+            else "(same)"
+        )
         lines.append(
             f"| {name} | {r['attributes']['mean']:.1%} | {r['caption_recall']['mean']:.1%} | "
             f"{r['faithfulness']['mean']:.1%} | {r['short_prompt_faithfulness']['mean']:.1%} | "
-            f"{r['judge_on_reconstructions']:.1%} | {r['psnr_db']:.2f} | {r['seconds']:.0f} |"
+            f"{r['candidates']} | {single} | {r['judge_on_reconstructions']:.1%} | "
+            f"{r['psnr_db']:.2f} | {r['seconds']:.0f} |"
         )
     lines += ["", "| attribute (score / recall / faithful / short) | " + " | ".join(rows) + " |",
               "|---|" + "---|" * len(rows)]  # fmt: skip

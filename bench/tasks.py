@@ -30,7 +30,7 @@ def _calls(f: Facert, attribute: str | None) -> dict:
     m = f.model
     image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     calls = {
-        "to_image": lambda seed: m.generate_faces(DESCRIPTION, n=1, seed=seed),
+        "to_image": lambda seed: m.generate_faces(DESCRIPTION, n=1, seed=seed, candidates=1),
         "to_caption": lambda seed: m.caption(image),
     }
     if attribute:
@@ -166,7 +166,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"### tasks: time to first token, per token, end to end (batch 1)\n\n"
         f"{machine_line(result['machine'])}\n\n"
-        "Public API calls (`generate_faces(n=1)`, `caption`, `attributes(mode='score')`); "
+        "Public API calls (`generate_faces(n=1, candidates=1)`, `caption`, "
+        "`attributes(mode='score')`); "
         "p50/p95/p99 over the samples after one warm-up round; TTFT counts from the call "
         "(VQGAN encode included for the image tasks); 'LM done' is when the last token was "
         "drawn. Reference rows are modelled from its measured per-step cost at "

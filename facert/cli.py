@@ -16,6 +16,15 @@ DECODE_CONFIGS = (
 )
 
 
+def _candidates_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--candidates",
+        type=int,
+        help="drawings per face; the one that matches the text best is kept "
+        "(default: the model's image_candidates; 1 = plain sampling, fastest)",
+    )
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="facert model directory (default: the bundled model)")
     p.add_argument(
@@ -88,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     m = _load(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    total = args.n * m.config.vqgan.num_codes_per_image
+    total = m.generation_steps(args.text, args.n, args.candidates)
     with tqdm(total=total, unit="tok", desc="generating", disable=args.quiet) as bar:
         faces = m.generate_faces(
             args.text,
@@ -97,6 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             top_k=args.top_k,
             top_p=args.top_p,
             temperature=args.temperature,
+            candidates=args.candidates,
             on_step=bar.update,
         )
     for i, face in enumerate(faces):
@@ -220,13 +230,16 @@ def cmd_bench_scenario(args: argparse.Namespace) -> None:
 def cmd_bench_quality(args: argparse.Namespace) -> None:
     from facert.bench.quality import run
 
-    run(args.model, args.configs, args.n, args.threads, args.output, args.quiet)
+    run(args.model, args.configs, args.n, args.threads, args.output, args.quiet, args.candidates)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from facert.bench.demo import DEFAULT_TEXT, run_demo, summary
 
-    report = run_demo(_load(args), args.text or DEFAULT_TEXT, args.n, Path(args.output), args.seed)
+    report = run_demo(
+        _load(args), args.text or DEFAULT_TEXT, args.n, Path(args.output), args.seed,
+        args.candidates,
+    )  # fmt: skip
     print(summary(report))
     print(f"wrote {args.output}/contact-sheet.png, report.json and {args.n} faces")
 
@@ -283,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=70)
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
+    _candidates_arg(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -336,11 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="facert model directory (default: the bundled model)")
     p.add_argument(
         "--configs",
-        default="onnxruntime:fp32,onnxruntime:int8,onnxruntime:int4,torch:fp32",
-        help="comma-separated BACKEND:PRECISION to evaluate",
+        default="onnxruntime:fp32,onnxruntime:int8",
+        help="comma-separated BACKEND:PRECISION to evaluate (default: the embedded runtime in "
+        "fp32 and int8; add onnxruntime:int4 or torch:fp32, the slow reference, as wanted)",
     )
     p.add_argument("-n", type=int, default=1000, help="held-out faces (default 1000)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    _candidates_arg(p)
     p.add_argument("-o", "--output", type=Path, help="directory for quality-MODEL.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench_quality)
@@ -351,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=4, help="number of faces (default 4)")
     p.add_argument("-o", "--output", default="demo-out", help="output dir (default demo-out)")
     p.add_argument("--seed", type=int, default=0)
+    _candidates_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("doctor", help="self-check: parity and timings on this device's providers")

@@ -97,9 +97,14 @@ class ModelConfig:
     cls_id: int = 101
     sep_id: int = 102
     max_text_ids: int = 64  # to_image prompts are cut to this many ids, as the reference does
+    # Drawings per face generate_faces makes by default, keeping the one that matches the text
+    # best; 1 (plain sampling, as the reference does) unless the model's author measured better.
+    image_candidates: int = 1
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.image_candidates < 1:
+            raise FacertError(f"image_candidates must be at least 1, got {self.image_candidates}")
         if self.image_scaling not in IMAGE_SCALINGS:
             raise FacertError(
                 f"image_scaling must be one of {sorted(IMAGE_SCALINGS)}, got {self.image_scaling!r}"

@@ -99,20 +99,58 @@ class FaceModel:
         top_k: int = 70,
         top_p: float = 0.0,
         temperature: float = 1.0,
+        candidates: int | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> list[np.ndarray]:
         """Draw n faces for a description -> n uint8 [H, W, 3]. Face i of a given seed is the
-        same whatever n is."""
+        same whatever n is.
+
+        With `candidates` > 1 (default: the model's `image_candidates`) each face is the best
+        of that many drawings: the one under which the model's own caption template finds
+        the text most likely, log p(text | face). The model reads faces more reliably than it
+        draws them, so this follows the text more often than one sample, for `candidates`
+        times the drawing work plus a teacher-forced caption pass per drawing. `on_step(k)`
+        reports k tokens drawn or scored, generation_steps() in all."""
+        candidates = self._candidates(candidates)
         if n < 1:
             raise FacertError("n must be at least 1")
         params = _params(seed, top_k, top_p, temperature)
-        seqs = [self.templates.to_image(text, params, stream=i) for i in range(n)]
-        self.engine.run(seqs, on_step)
+        drawings = [
+            self.templates.to_image(text, params, stream=i * candidates + k)
+            for i in range(n)
+            for k in range(candidates)
+        ]
+        self.engine.run(drawings, on_step)
+        if candidates > 1:
+            t = self.templates
+            scores = [t.to_description_score(t.codes_of(d), t.described_words(d)) for d in drawings]
+            self.engine.run(scores, on_step)
+            matches = np.array([sum(s.logprobs) for s in scores]).reshape(n, candidates)
+            drawings = [drawings[i * candidates + k] for i, k in enumerate(matches.argmax(1))]
         # One image per decode call: batched convolutions round differently, and face i of a
         # seed must be bit-identical however many faces were asked for.
         return [
-            to_uint8(self.image_tokenizer.decode(self.templates.codes_of(s)[None]))[0] for s in seqs
+            to_uint8(self.image_tokenizer.decode(self.templates.codes_of(s)[None]))[0]
+            for s in drawings
         ]
+
+    def generation_steps(self, text: str, n: int = 1, candidates: int | None = None) -> int:
+        """Tokens generate_faces(text, n, candidates=...) reports to on_step: a progress total."""
+        candidates = self._candidates(candidates)
+        n_codes = self.config.vqgan.num_codes_per_image
+        if candidates == 1:
+            return n * n_codes
+        t = self.templates
+        words = t.described_words(t.to_image(text, GREEDY, 0))
+        scored = len(t.to_description_score(np.zeros(n_codes, np.int64), words).forced)
+        return n * candidates * (n_codes + scored)
+
+    def _candidates(self, candidates: int | None) -> int:
+        if candidates is None:
+            return self.config.image_candidates
+        if candidates < 1:
+            raise FacertError("candidates must be at least 1")
+        return candidates
 
     def caption(
         self,

@@ -63,6 +63,18 @@ class Templates:
     def codes_of(self, seq: Sequence) -> np.ndarray:
         return np.array(seq.generated, dtype=np.int64) - self.config.lm.text_vocab_size
 
+    def described_words(self, drawing: Sequence) -> list[int]:
+        """The text ids a to_image sequence drew from, with its [SEP] unless the text was cut."""
+        return [int(i) for i in drawing.prompt_ids[len(self._head("to_image")) :]]
+
+    def to_description_score(self, codes: np.ndarray, words: list[int]) -> Sequence:
+        """How well a face matches a text: the caption template on the face's codes,
+        teacher-forced with the text's ids (as many as the room allows); the sum of its
+        logprobs is log p(text | face)."""
+        ids = [*self._head("to_caption"), *self._image_part(codes)]
+        forced = words[: self._room(len(ids))]
+        return self._text_sequence(ids, np.ones(len(ids), dtype=np.int64), GREEDY, 0, forced)
+
     def to_caption(self, codes: np.ndarray, params: SamplingParams, stream: int = 0) -> Sequence:
         ids = [*self._head("to_caption"), *self._image_part(codes)]
         return self._text_sequence(ids, np.ones(len(ids), dtype=np.int64), params, stream)

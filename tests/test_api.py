@@ -10,7 +10,7 @@ from PIL import Image
 import facert
 from facert.runtime.errors import FacertError
 from facert.runtime.images import load_rgb, model_input, to_uint8
-from facert.runtime.sequence import GREEDY
+from facert.runtime.sequence import GREEDY, SamplingParams
 
 TEXT = (
     "This guy doesn't have any beard and has no fringe. He is in his middle age and has no smile."
@@ -30,9 +30,47 @@ def test_generate_faces_shapes_and_seed_reproducibility(any_model):
     assert not np.array_equal(a[0], a[1]) and not np.array_equal(b[0], c[0])
 
 
-def test_to_image_samples_only_image_codes_and_respects_top_k(any_model):
-    from facert.runtime.sequence import SamplingParams
+def _text_log_likelihood(m, codes: np.ndarray, words: list[int]) -> float:
+    """log p(words | face) by one full forward without a cache: the caption template's prefix
+    in segment 1, the words in segment 2, each scored by the logits before it."""
+    t = m.templates
+    prefix = [*t._head("to_caption"), *t._image_part(codes)]
+    words = words[: m.config.lm.seq_length - len(prefix)]
+    ids = prefix + words[:-1]
+    segs = [1] * len(prefix) + [2] * (len(words) - 1)
+    lo, hi = t.text_window
+    logits = m.forward_logits(ids, segs)[len(prefix) - 1 :, lo:hi]  # (len(words), text vocab)
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    return float(logp[np.arange(len(words)), np.array(words) - lo].sum())
 
+
+def test_candidates_keep_the_drawing_that_explains_the_text_best(any_model):
+    """Face i with K candidates: of the drawings of streams i*K..i*K+K-1 (each as plain
+    sampling draws it), the one whose codes give the prompt's words the highest likelihood."""
+    m, K, seed = any_model, 3, 11
+    t = m.templates
+    faces = m.generate_faces(TEXT, n=2, seed=seed, candidates=K)
+    params = SamplingParams(seed=seed)
+    for i, face in enumerate(faces):
+        drawings = [t.to_image(TEXT, params, stream=i * K + k) for k in range(K)]
+        m.engine.run(drawings)
+        words = t.described_words(drawings[0])
+        scores = [_text_log_likelihood(m, t.codes_of(d), words) for d in drawings]
+        assert len(set(np.round(scores, 3))) == K  # distinct, so the pick is not a tie
+        best = t.codes_of(drawings[int(np.argmax(scores))])
+        assert np.array_equal(face, to_uint8(m.image_tokenizer.decode(best[None]))[0])
+    one = m.generate_faces(TEXT, n=1, seed=seed, candidates=K)
+    assert np.array_equal(one[0], faces[0])  # face i does not depend on n
+
+
+def test_generation_steps_is_what_on_step_reports(any_model):
+    for candidates in (1, 2):
+        steps = []
+        any_model.generate_faces(TEXT, n=2, seed=0, candidates=candidates, on_step=steps.append)
+        assert sum(steps) == any_model.generation_steps(TEXT, 2, candidates)
+
+
+def test_to_image_samples_only_image_codes_and_respects_top_k(any_model):
     m = any_model
     seq = m.templates.to_image(TEXT, SamplingParams(top_k=1, seed=0), 0)
     m.engine.run([seq])
@@ -47,8 +85,6 @@ def test_to_image_samples_only_image_codes_and_respects_top_k(any_model):
 
 
 def test_to_image_prompt_is_cut_to_64_ids(any_model):
-    from facert.runtime.sequence import SamplingParams
-
     seq = any_model.templates.to_image("word " * 100, SamplingParams(), 0)
     assert len(seq.prompt_ids) == 64 and seq.prompt_ids[0] == 101
     assert list(seq.prompt_ids[1:4]) == [2000, 3746, 102]  # "to image [SEP]"
@@ -153,6 +189,7 @@ def test_decode_codes_roundtrip_range(any_model):
         (lambda m: m.generate_faces("   "), "empty"),
         (lambda m: m.generate_faces("a face", n=0), "at least 1"),
         (lambda m: m.generate_faces("a face", top_p=2.0), "top_p"),
+        (lambda m: m.generate_faces("a face", candidates=0), "candidates must be at least 1"),
         (lambda m: m.caption("/nonexistent/face.png"), "image not found"),
         (lambda m: m.caption(np.zeros((4, 4), dtype=np.uint8)), "uint8 RGB"),
         (lambda m: m.caption(3.5), "unsupported image type"),

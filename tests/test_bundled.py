@@ -109,21 +109,29 @@ def test_captions_name_the_attributes(small_eval):
     assert small_eval["caption_recall"]["mean"] >= 0.8, small_eval["caption_recall"]
 
 
-def test_drawn_faces_show_the_text(small_eval):
+def test_drawn_faces_show_the_text(bundled, small_eval):
     judge = Judge(MODEL)
     images, attributes, _ = held_out(N_EVAL, 64)
     assert judge_accuracy(judge, images, attributes) >= 0.95  # the judge itself can read faces
-    # Generation is the weak task (64% on 1000 faces): drawn faces must show the text's
-    # background and hair length and beat chance on average by a wide margin, not more yet.
-    faithful = small_eval["faithfulness"]
+    # Generation is the weak task: one drawing shows 68% of the text's attributes on 1000
+    # faces. It must show the text's background and hair length and beat chance on average.
+    single = small_eval["faithfulness_single"]
     chance = np.mean([1 / len(v) for v in ATTRIBUTES.values()])
-    assert faithful["per_attribute"]["background"] >= 0.85, faithful
-    assert faithful["per_attribute"]["hair length"] >= 0.75, faithful
-    assert faithful["mean"] >= chance + 0.2, faithful
-    # Prompts that name three attributes, as people write them, are followed too (63% on 1000
-    # faces; a model trained on complete captions only drew their background 56% of the time).
-    short = small_eval["short_prompt_faithfulness"]["per_attribute"]
+    assert single["per_attribute"]["background"] >= 0.85, single
+    assert single["per_attribute"]["hair length"] >= 0.75, single
+    assert single["mean"] >= chance + 0.2, single
+    # By default the model keeps the best of 16 drawings by its own reading of them (84% on
+    # 300 faces): that must follow the text clearly more often than one drawing does.
+    assert small_eval["candidates"] == bundled.config.image_candidates == 16
+    faithful = small_eval["faithfulness"]
+    assert faithful["mean"] >= max(0.75, single["mean"] + 0.08), (faithful, single)
+    # Prompts that name three attributes, as people write them, are followed too (66% on 1000
+    # faces from one drawing; a model trained on complete captions only drew their background
+    # 56% of the time), and better from the best of 16.
+    short = small_eval["short_prompt_faithfulness_single"]["per_attribute"]
     assert short["background"] >= 0.85 and short["hair length"] >= 0.7, short
+    best_short = small_eval["short_prompt_faithfulness"]["mean"]
+    assert best_short >= small_eval["short_prompt_faithfulness_single"]["mean"] + 0.04
     assert small_eval["psnr_db"] >= 22
 
 
@@ -146,4 +154,5 @@ def test_bench_quality_writes_json(tmp_path, capsys):
     report = json.loads((tmp_path / "quality-talk2face-synth.json").read_text())
     r = report["configs"]["onnxruntime:fp32"]
     assert set(r["attributes"]["per_attribute"]) == set(ATTRIBUTES) and r["psnr_db"] > 0
+    assert r["candidates"] == 16 and "faithfulness_single" in r
     assert "| onnxruntime:fp32 |" in capsys.readouterr().out

@@ -40,6 +40,8 @@ def test_generate_caption_analyze(tiny_model_dir, tmp_path, capsys):
                 "-q",
                 "--seed",
                 "1",
+                "--candidates",
+                "2",
             ]
         )
         == 0
@@ -60,6 +62,7 @@ def test_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path):
     cases = [
         ["caption", str(tmp_path / "missing.png"), "-m", str(tiny_model_dir)],
         ["info", str(tmp_path)],
+        ["generate", "a face", "-m", str(tiny_model_dir), "--candidates", "0", "-o", str(tmp_path)],
         ["analyze", str(tmp_path / "x.png"), "-m", str(tiny_model_dir), "--attributes", "hair"],
     ]
     (tmp_path / "x.png").write_bytes(b"junk")
