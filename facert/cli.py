@@ -184,6 +184,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"VQGAN        ch {vq.ch} x {list(vq.ch_mult)}, {vq.resolution}px -> {side}x{side} codes")
     print(f"image input  {config.image_scaling} scaling")
     print(f"prompts      {config.prompts}")
+    print(f"drawing      best of {config.image_candidates} per face (generate --candidates)")
     for name, values in config.attributes.items():
         print(f"attribute    {name}: {', '.join(values)}")
 

@@ -22,6 +22,7 @@ def test_convert_then_info(tmp_path, capsys):
     info = capsys.readouterr().out
     assert "2 layers x 64 hidden" in info and "31546 = 30522 text + 1024 codes" in info
     assert "attribute    gender: male, female" in info
+    assert "drawing      best of 1 per face" in info  # converted checkpoints sample plainly
 
 
 def test_generate_caption_analyze(tiny_model_dir, tmp_path, capsys):
