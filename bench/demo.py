@@ -77,7 +77,7 @@ def contact_sheet(faces: list[np.ndarray], report: dict) -> Image.Image:
         lines = textwrap.wrap(entry["caption"], chars) + [""]
         lines += [f"{k}: {a['value']} ({a['prob']:.2f})" for k, a in entry["attributes"].items()]
         blocks.append(lines)
-    title = textwrap.wrap(f"\"{report['text']}\"  (seed {report['seed']})", 2 * chars)
+    title = textwrap.wrap(f'"{report["text"]}"  (seed {report["seed"]})', 2 * chars)
     top = PAD + (line_h + 4) * len(title) + PAD
     text_h = line_h * max(len(b) for b in blocks)
     width = PAD + len(faces) * (TILE + PAD)
@@ -96,7 +96,7 @@ def contact_sheet(faces: list[np.ndarray], report: dict) -> Image.Image:
 def summary(report: dict) -> str:
     """The printed table: one row per face."""
     asked = report["attributes_in_text"]
-    lines = [f"{report['model']} ({report['backend']}): \"{report['text']}\"", ""]
+    lines = [f'{report["model"]} ({report["backend"]}): "{report["text"]}"', ""]
     for entry in report["faces"]:
         answers = ", ".join(f"{k} {a['value']}" for k, a in entry["attributes"].items())
         lines += [

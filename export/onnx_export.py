@@ -226,4 +226,3 @@ def staleness(engine_dir: str | Path, model_dir: str | Path, precision: str) -> 
     if missing or not (Path(engine_dir) / WEIGHTS).is_file():
         return f"files are missing: {', '.join(missing) or WEIGHTS}"
     return None
-
