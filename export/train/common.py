@@ -54,6 +54,13 @@ def resume(path: Path, **objects) -> int:
     return state["step"]
 
 
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """A trained module's weights as safetensors (what the model directory is built from)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
 def save_checkpoint(path: Path, step: int, **objects) -> None:
     """Write atomically so an interrupted save never leaves a broken checkpoint."""
     state = {name: obj.state_dict() for name, obj in objects.items()}

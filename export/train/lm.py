@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from facert.export.lm import Talk2FaceLM
@@ -192,14 +192,10 @@ def train(out_dir: Path) -> Path:
         else:
             train_stage(lm, stage, first_step, out_dir / f"lm-{stage.name}.ckpt", t, codes,
                         attributes, valid)  # fmt: skip
-            save_weights(lm, path)
+            common.save_weights(lm, path)
         first_step += stage.steps
-    save_weights(lm, out_dir / WEIGHTS)
+    common.save_weights(lm, out_dir / WEIGHTS)
     return out_dir / WEIGHTS
-
-
-def save_weights(lm: Talk2FaceLM, path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(path))
 
 
 def train_stage(

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from facert.export.vqgan import VQGAN
 from facert.runtime.config import VQGANConfig
@@ -150,7 +149,7 @@ def train(out_dir: Path, steps: int = STEPS) -> Path:
                 out_dir / CHECKPOINT, step + 1, model=model, optimizer=optimizer, codebook=codebook
             )
     path = out_dir / WEIGHTS
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    common.save_weights(model, path)
     return path
 
 
