@@ -52,6 +52,7 @@ def run_demo(
         "text": text,
         "seed": seed,
         "candidates": candidates or model.config.image_candidates,
+        "views": model.config.reading_views,
         "attributes_in_text": {k: sorted(v)[0] for k, v in asked.items()},
         "faces": entries,
     }

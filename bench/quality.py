@@ -2,7 +2,9 @@
 per backend and precision. Torch-free unless the torch backend is asked for.
 
 On N faces of a dataset seed that training never drew (export/train/data.py):
-- attributes: score-mode accuracy per attribute (target: 95% on average);
+- attributes: score-mode accuracy per attribute, reading the model's reading_views of each face
+  unless --views says otherwise (target: 95% on average); with more than one view, one view
+  (the face alone) is reported beside it as "one_view";
 - caption recall: of each face's attribute values, the fraction its greedy caption names, and
   names alone (synonyms allowed, bench/mentions.py) (target: 90%);
 - faithfulness: one face drawn from a fresh caption of each held-out face (sampling defaults
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from facert.runtime.config import READING_VIEWS
 from facert.runtime.errors import FacertError
 from facert.runtime.images import to_uint8
 from facert.runtime.model import FaceModel
@@ -116,22 +119,26 @@ def judge_accuracy(judge: Judge, images: np.ndarray, attributes: list[dict]) -> 
 
 def evaluate(
     model: FaceModel, judge: Judge, n: int, quiet: bool = False, label: str = "",
-    candidates: int | None = None,
+    candidates: int | None = None, views: int | None = None,
 ) -> dict:  # fmt: skip
-    """All measures for one loaded model on n held-out faces, drawing with `candidates`
-    (default: the model's image_candidates)."""
+    """All measures for one loaded model on n held-out faces, drawing with `candidates` and
+    reading `views` (defaults: the model's image_candidates and reading_views)."""
     candidates = model.config.image_candidates if candidates is None else candidates
+    views = model.config.reading_views if views is None else views
     images, attributes, captions = held_out(n, model.config.vqgan.resolution)
     shorts = short_prompts(attributes)
     names = list(model.config.attributes)
     runs = {"": candidates, "_single": 1} if candidates > 1 else {"": 1}
-    answers, recalls, examples = [], [], []
+    readings = {"": views, "_one_view": 1} if views > 1 else {"": 1}
+    answers = {suffix: [] for suffix in readings}
+    recalls, examples = [], []
     drawn = {(suffix, kind): [] for suffix in runs for kind in ("full", "short")}
     start = time.time()
     for i in tqdm(range(n), desc=label or model.backend.name, unit="face", disable=quiet):
         truth = attributes[i]
-        scored = model.attributes(images[i], names, mode="score")
-        answers.append({k: scored[k]["value"] == truth[k] for k in names})
+        for suffix, v in readings.items():
+            scored = model.attributes(images[i], names, views=v)
+            answers[suffix].append({k: scored[k]["value"] == truth[k] for k in names})
         text = model.caption(images[i])
         recalls.append(recall(text, truth))
         for suffix, k in runs.items():
@@ -141,8 +148,8 @@ def evaluate(
             examples.append({"truth": truth, "caption": text, "prompt": captions[i],
                              "short_prompt": shorts[i][0]})  # fmt: skip
     reconstructed = reconstruct(model, images)
-    report = {
-        "attributes": _rate(answers),
+    report = {f"attributes{suffix}": _rate(a) for suffix, a in answers.items()} | {
+        "views": views,
         "caption_recall": _rate(recalls),
         "candidates": candidates,
     }
@@ -168,6 +175,7 @@ def evaluate(
 def run(
     model_dir: Path | None, configs: str, n: int, threads: int | None = None,
     out_dir: Path | None = None, quiet: bool = False, candidates: int | None = None,
+    views: int | None = None,
 ) -> dict:  # fmt: skip
     """Evaluate each BACKEND:PRECISION configuration ("onnxruntime:int8,torch:fp32"), print the
     tables and write quality-MODEL.json into out_dir; returns the report."""
@@ -180,6 +188,8 @@ def run(
         raise FacertError("-n must be at least 1")
     if candidates is not None and candidates < 1:
         raise FacertError("--candidates must be at least 1")
+    if views is not None and not 1 <= views <= len(READING_VIEWS):
+        raise FacertError(f"--views must be 1 to {len(READING_VIEWS)}")
     model_dir = Path(model_dir or facert.BUNDLED_MODEL)
     judge = Judge(model_dir)
     results: dict[str, dict] = {}
@@ -188,7 +198,7 @@ def run(
         m = facert.load(model_dir, backend=backend, precision=precision, progress=not quiet,
                         **options)  # fmt: skip
         label = f"{backend}:{precision}"
-        results[label] = evaluate(m, judge, n, quiet, label, candidates)
+        results[label] = evaluate(m, judge, n, quiet, label, candidates, views)
     images, attributes, _ = held_out(n, m.config.vqgan.resolution)
     report = {
         "scenario": "quality",
@@ -218,9 +228,9 @@ def table(report: dict) -> str:
         f"faithfulness {TARGETS['faithfulness']:.0%}; judge on drawn faces "
         f"{report['judge_on_drawn_faces']:.1%})",
         "",
-        "| config | attributes | caption recall | faithfulness | short prompts | drawings per face "
-        "| one drawing: faithfulness, short | judge on recon. | PSNR dB | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | attributes | views | one view | caption recall | faithfulness | short prompts "
+        "| drawings per face | one drawing: faithfulness, short | judge on recon. | PSNR dB | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         single = (
@@ -229,8 +239,12 @@ def table(report: dict) -> str:
             if "faithfulness_single" in r
             else "(same)"
         )
+        one_view = (
+            f"{r['attributes_one_view']['mean']:.1%}" if "attributes_one_view" in r else "(same)"
+        )
         lines.append(
-            f"| {name} | {r['attributes']['mean']:.1%} | {r['caption_recall']['mean']:.1%} | "
+            f"| {name} | {r['attributes']['mean']:.1%} | {r['views']} | {one_view} | "
+            f"{r['caption_recall']['mean']:.1%} | "
             f"{r['faithfulness']['mean']:.1%} | {r['short_prompt_faithfulness']['mean']:.1%} | "
             f"{r['candidates']} | {single} | {r['judge_on_reconstructions']:.1%} | "
             f"{r['psnr_db']:.2f} | {r['seconds']:.0f} |"

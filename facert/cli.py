@@ -25,6 +25,16 @@ def _candidates_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _views_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--views",
+        type=int,
+        help="score mode reads each face this many ways and averages them (1 = the face only, "
+        "fastest; 2 adds its mirror image, 4 also the face shifted right and left; "
+        "default: the model's reading_views)",
+    )
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="facert model directory (default: the bundled model)")
     p.add_argument(
@@ -125,7 +135,10 @@ def cmd_caption(args: argparse.Namespace) -> None:
 def cmd_analyze(args: argparse.Namespace) -> None:
     m = _load(args)
     names = args.attributes or ",".join(m.config.attributes)
-    results = {str(image): m.attributes(image, names, mode=args.mode) for image in args.images}
+    results = {
+        str(image): m.attributes(image, names, mode=args.mode, views=args.views)
+        for image in args.images
+    }
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -185,6 +198,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"image input  {config.image_scaling} scaling")
     print(f"prompts      {config.prompts}")
     print(f"drawing      best of {config.image_candidates} per face (generate --candidates)")
+    print(f"reading      {config.reading_views} view(s) per face (analyze --views)")
     for name, values in config.attributes.items():
         print(f"attribute    {name}: {', '.join(values)}")
 
@@ -231,7 +245,10 @@ def cmd_bench_scenario(args: argparse.Namespace) -> None:
 def cmd_bench_quality(args: argparse.Namespace) -> None:
     from facert.bench.quality import run
 
-    run(args.model, args.configs, args.n, args.threads, args.output, args.quiet, args.candidates)
+    run(
+        args.model, args.configs, args.n, args.threads, args.output, args.quiet, args.candidates,
+        args.views,
+    )  # fmt: skip
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -313,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--attributes", help="comma-separated names (default: all the model knows)")
     p.add_argument("--mode", choices=["score", "generate"], default="score")
+    _views_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_analyze)
 
@@ -358,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=1000, help="held-out faces (default 1000)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     _candidates_arg(p)
+    _views_arg(p)
     p.add_argument("-o", "--output", type=Path, help="directory for quality-MODEL.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench_quality)

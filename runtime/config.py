@@ -27,6 +27,8 @@ VOCAB_FILE = "vocab.txt"
 # pixels in [0, 1]. "reference" reproduces the released Talk2Face script, which applies it twice
 # (the encoder sees 4x - 3); "taming" is the VQGAN's own convention (once).
 IMAGE_SCALINGS = {"reference": 2, "taming": 1}
+# Views of a face score mode can average, in order (made by images.face_views).
+READING_VIEWS = ("face", "mirror", "shifted right", "shifted left")
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,19 @@ class ModelConfig:
     # Drawings per face generate_faces makes by default, keeping the one that matches the text
     # best; 1 (plain sampling, as the reference does) unless the model's author measured better.
     image_candidates: int = 1
+    # Views of a face score mode reads and averages (log-probabilities summed), in the order of
+    # READING_VIEWS: the face, its mirror image, and the face shifted a quarter code cell
+    # right and left. 1 (the face alone, as the reference does) unless measured better.
+    reading_views: int = 1
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if self.image_candidates < 1:
             raise FacertError(f"image_candidates must be at least 1, got {self.image_candidates}")
+        if not 1 <= self.reading_views <= len(READING_VIEWS):
+            raise FacertError(
+                f"reading_views must be 1 to {len(READING_VIEWS)}, got {self.reading_views}"
+            )
         if self.image_scaling not in IMAGE_SCALINGS:
             raise FacertError(
                 f"image_scaling must be one of {sorted(IMAGE_SCALINGS)}, got {self.image_scaling!r}"

@@ -84,6 +84,20 @@ def model_input(images: Any, size: int, scaling: str) -> np.ndarray:
     return scale_pixels(rgb, scaling)
 
 
+def face_views(x: np.ndarray, n: int, shift: int) -> np.ndarray:
+    """The first n of config.READING_VIEWS of each face: [N, 3, H, W] -> [N * n, 3, H, W], the
+    views of face i at i * n .. i * n + n - 1. Shifts move the face `shift` pixels right or
+    left, repeating the edge column."""
+    edge_left, edge_right = x[..., :1], x[..., -1:]  # (N, 3, H, 1)
+    all_views = [
+        x,
+        x[..., ::-1],
+        np.concatenate([np.repeat(edge_left, shift, -1), x[..., :-shift]], -1),
+        np.concatenate([x[..., shift:], np.repeat(edge_right, shift, -1)], -1),
+    ]
+    return np.ascontiguousarray(np.stack(all_views[:n], 1).reshape(-1, *x.shape[1:]))
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3], rounded as torchvision's save_image."""
     x = (np.clip(images, -1.0, 1.0) + 1.0) / 2.0

@@ -11,10 +11,10 @@ import numpy as np
 
 from .backends import create_backend
 from .backends.base import Backend
-from .config import VOCAB_FILE, ModelConfig, load_config
+from .config import READING_VIEWS, VOCAB_FILE, ModelConfig, load_config
 from .engine import Engine
 from .errors import FacertError
-from .images import ImageLike, model_input, to_uint8
+from .images import ImageLike, face_views, model_input, to_uint8
 from .sampler import log_softmax
 from .sequence import GREEDY, SamplingParams
 from .tasks import Templates
@@ -168,12 +168,19 @@ class FaceModel:
         return self.templates.text_of(seq)
 
     def attributes(
-        self, image: ImageLike, names: str | Iterable[str], mode: str = "score"
+        self,
+        image: ImageLike,
+        names: str | Iterable[str],
+        mode: str = "score",
+        views: int | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Answer attribute questions about a face -> {name: {"value", "prob"}}.
 
         score: rank the model's candidate values (from facert.json) by the probability of each
         answer, normalised over the candidates; "candidates" holds every value's probability.
+        With `views` > 1 (default: the model's reading_views) score mode reads the face that
+        many ways (itself, mirrored, shifted a quarter code cell right and left) and multiplies
+        each answer's probabilities over the views before normalising.
         generate: greedy free text; "prob" is the probability of the generated answer.
         """
         names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
@@ -188,24 +195,40 @@ class FaceModel:
                 f"unknown attribute(s) {', '.join(unknown)}; this model knows "
                 f"{', '.join(known) or 'none'} (mode='generate' asks any question)"
             )
-        codes = self.image_tokenizer.encode([image])[0]
+        n_views = self._views(views) if mode == "score" else 1
+        vqgan = self.config.vqgan
+        x = model_input([image], vqgan.resolution, self.config.image_scaling)  # (1, 3, H, W)
+        shift = max(1, vqgan.resolution // vqgan.latent_size // 4)  # a quarter code cell
+        codes = self.image_tokenizer.encode(face_views(x, n_views, shift))  # (V, T)
         return {
-            n: (self._score(codes, n) if mode == "score" else self._answer(codes, n)) for n in names
+            n: (self._score(codes, n) if mode == "score" else self._answer(codes[0], n))
+            for n in names
         }
+
+    def _views(self, views: int | None) -> int:
+        if views is None:
+            return self.config.reading_views
+        if not 1 <= views <= len(READING_VIEWS):
+            raise FacertError(f"views must be 1 to {len(READING_VIEWS)}, got {views}")
+        return views
 
     def _answer(self, codes: np.ndarray, name: str) -> dict[str, Any]:
         seq = self.templates.to_attribute(codes, name)
         self.engine.run([seq])
         return {"value": self.templates.text_of(seq), "prob": float(np.exp(sum(seq.logprobs)))}
 
-    def _score(self, codes: np.ndarray, name: str) -> dict[str, Any]:
+    def _score(self, view_codes: np.ndarray, name: str) -> dict[str, Any]:
+        """view_codes: (V, T), the face read V ways; each value's log-probabilities are summed
+        over the views."""
         values = self.config.attributes[name]
         seqs = [
             self.templates.to_attribute(codes, name, forced=self.templates.candidate_ids(v))
+            for codes in view_codes
             for v in values
         ]
         self.engine.run(seqs)
-        probs = np.exp(log_softmax(np.array([sum(s.logprobs) for s in seqs])))
+        logprobs = np.array([sum(s.logprobs) for s in seqs]).reshape(len(view_codes), len(values))
+        probs = np.exp(log_softmax(logprobs.sum(0)))
         best = int(np.argmax(probs))
         return {
             "value": values[best],

@@ -150,6 +150,32 @@ def test_attribute_score_mode_probabilities(any_model, vq_golden):
         assert abs(g["candidates"][v] - expected[v]) < 1e-6
 
 
+def test_score_mode_views_multiply_the_probabilities_of_each_view(any_model, vq_golden):
+    # An independent implementation: each view drawn with OpenCV and read alone.
+    import cv2
+
+    m = any_model
+    size = m.config.vqgan.resolution
+    image = to_uint8(vq_golden["images"][1:2] / 2)[0]  # (H, W, 3)
+    assert image.shape[:2] == (size, size)
+    shift = size // m.config.vqgan.latent_size // 4
+
+    def moved(dx: int) -> np.ndarray:
+        right = np.float32([[1, 0, dx], [0, 1, 0]])
+        return cv2.warpAffine(image, right, (size, size), borderMode=cv2.BORDER_REPLICATE)
+
+    view_images = [image, np.ascontiguousarray(image[:, ::-1]), moved(shift), moved(-shift)]
+    alone = [m.attributes(v, "gender", views=1)["gender"]["candidates"] for v in view_images]
+    assert m.config.reading_views == 1  # converted checkpoints read the face alone by default
+    assert m.attributes(image, "gender")["gender"]["candidates"] == alone[0]
+    for n in (2, 4):
+        got = m.attributes(image, "gender", views=n)["gender"]
+        logp = np.array([sum(np.log(a[v]) for a in alone[:n]) for v in ("male", "female")])
+        expected = np.exp(logp - logp.max()) / np.exp(logp - logp.max()).sum()
+        np.testing.assert_allclose(list(got["candidates"].values()), expected, atol=1e-6)
+        assert got["value"] == ("male", "female")[int(np.argmax(expected))]
+
+
 def test_attribute_generate_mode_any_name(any_model, vq_golden):
     image = to_uint8(vq_golden["images"][:1] / 2)[0]
     out = any_model.attributes(image, ["age"], mode="generate")
@@ -195,6 +221,7 @@ def test_decode_codes_roundtrip_range(any_model):
         (lambda m: m.caption(3.5), "unsupported image type"),
         (lambda m: m.attributes(np.zeros((8, 8, 3), np.uint8), "hair"), "unknown attribute"),
         (lambda m: m.attributes(np.zeros((8, 8, 3), np.uint8), ""), "no attribute names"),
+        (lambda m: m.attributes(np.zeros((8, 8, 3), np.uint8), "gender", views=5), "views must be"),
         (lambda m: m.image_tokenizer.decode(np.zeros((1, 5), dtype=np.int64)), "codes must be"),
         (lambda m: m.image_tokenizer.decode(np.full((1, 256), 1024)), "codes must lie"),
         (lambda m: m.image_tokenizer.encode(np.zeros((1, 3, 8, 8), np.float32)), "already scaled"),

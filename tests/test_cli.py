@@ -9,6 +9,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+import facert
 from facert.cli import main
 
 from .conftest import convert_args
@@ -23,6 +24,7 @@ def test_convert_then_info(tmp_path, capsys):
     assert "2 layers x 64 hidden" in info and "31546 = 30522 text + 1024 codes" in info
     assert "attribute    gender: male, female" in info
     assert "drawing      best of 1 per face" in info  # converted checkpoints sample plainly
+    assert "reading      1 view(s) per face" in info  # and read the face alone
 
 
 def test_generate_caption_analyze(tiny_model_dir, tmp_path, capsys):
@@ -57,6 +59,10 @@ def test_generate_caption_analyze(tiny_model_dir, tmp_path, capsys):
     assert main(["analyze", str(faces[0]), "-m", m, "--attributes", "gender", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result[str(faces[0])]["gender"]["value"] in ("male", "female")
+    assert main(["analyze", str(faces[0]), "-m", m, "--attributes", "gender", "--views", "2",
+                 "--json"]) == 0  # fmt: skip
+    two_views = json.loads(capsys.readouterr().out)[str(faces[0])]["gender"]
+    assert two_views == facert.load(m).attributes(faces[0], "gender", views=2)["gender"]
 
 
 def test_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path):
@@ -65,6 +71,7 @@ def test_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path):
         ["info", str(tmp_path)],
         ["generate", "a face", "-m", str(tiny_model_dir), "--candidates", "0", "-o", str(tmp_path)],
         ["analyze", str(tmp_path / "x.png"), "-m", str(tiny_model_dir), "--attributes", "hair"],
+        ["analyze", str(tmp_path / "x.png"), "-m", str(tiny_model_dir), "--views", "0"],
     ]
     (tmp_path / "x.png").write_bytes(b"junk")
     for argv in cases:
