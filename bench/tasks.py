@@ -34,7 +34,7 @@ def _calls(f: Facert, attribute: str | None) -> dict:
         "to_caption": lambda seed: m.caption(image),
     }
     if attribute:
-        calls["to_attributes"] = lambda seed: m.attributes(image, attribute, mode="score")
+        calls["to_attributes"] = lambda seed: m.attributes(image, attribute, views=1)
     return calls
 
 
@@ -167,7 +167,7 @@ def markdown(result: dict) -> str:
         f"### tasks: time to first token, per token, end to end (batch 1)\n\n"
         f"{machine_line(result['machine'])}\n\n"
         "Public API calls (`generate_faces(n=1, candidates=1)`, `caption`, "
-        "`attributes(mode='score')`); "
+        "`attributes(mode='score', views=1)`); "
         "p50/p95/p99 over the samples after one warm-up round; TTFT counts from the call "
         "(VQGAN encode included for the image tasks); 'LM done' is when the last token was "
         "drawn. Reference rows are modelled from its measured per-step cost at "
