@@ -39,7 +39,7 @@ from .sequences import IGNORE, attribute_row, caption_row, collate, group_mask_b
 
 N_LAYER, N_HEAD, N_EMBD = 4, 4, 192  # 2.1M parameters: the bundled files must stay small
 # generate_faces keeps the best of this many drawings: faithfulness on 1000 held-out faces is
-# 67.6% from one drawing, 82.7% from the best of 16 and 85.1% from the best of 32 (about 27x the
+# 67.6% from one drawing, 82.7% from the best of 16 and 85.1% from the best of 32 (about 21x the
 # time); the best of 4 and of 8 reached 79% and 81% on 300 faces.
 IMAGE_CANDIDATES = 32
 # Score mode reads each face this many ways (itself, mirrored, shifted right and left) and
