@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from facert.runtime.config import READING_VIEWS
+from facert.runtime.config import check_views
 from facert.runtime.errors import FacertError
 from facert.runtime.images import to_uint8
 from facert.runtime.model import FaceModel
@@ -188,8 +188,8 @@ def run(
         raise FacertError("-n must be at least 1")
     if candidates is not None and candidates < 1:
         raise FacertError("--candidates must be at least 1")
-    if views is not None and not 1 <= views <= len(READING_VIEWS):
-        raise FacertError(f"--views must be 1 to {len(READING_VIEWS)}")
+    if views is not None:
+        check_views(views, "--views")
     model_dir = Path(model_dir or facert.BUNDLED_MODEL)
     judge = Judge(model_dir)
     results: dict[str, dict] = {}

@@ -78,6 +78,13 @@ class VQGANConfig:
         return self.latent_size**2
 
 
+def check_views(views: int, what: str = "views") -> int:
+    """`views` if it counts 1 to all of READING_VIEWS, else a FacertError naming `what`."""
+    if not 1 <= views <= len(READING_VIEWS):
+        raise FacertError(f"{what} must be 1 to {len(READING_VIEWS)}, got {views}")
+    return views
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything about a model directory except its weights."""
@@ -111,10 +118,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.image_candidates < 1:
             raise FacertError(f"image_candidates must be at least 1, got {self.image_candidates}")
-        if not 1 <= self.reading_views <= len(READING_VIEWS):
-            raise FacertError(
-                f"reading_views must be 1 to {len(READING_VIEWS)}, got {self.reading_views}"
-            )
+        check_views(self.reading_views, "reading_views")
         if self.image_scaling not in IMAGE_SCALINGS:
             raise FacertError(
                 f"image_scaling must be one of {sorted(IMAGE_SCALINGS)}, got {self.image_scaling!r}"

@@ -11,7 +11,7 @@ import numpy as np
 
 from .backends import create_backend
 from .backends.base import Backend
-from .config import READING_VIEWS, VOCAB_FILE, ModelConfig, load_config
+from .config import VOCAB_FILE, ModelConfig, check_views, load_config
 from .engine import Engine
 from .errors import FacertError
 from .images import ImageLike, face_views, model_input, to_uint8
@@ -206,11 +206,7 @@ class FaceModel:
         }
 
     def _views(self, views: int | None) -> int:
-        if views is None:
-            return self.config.reading_views
-        if not 1 <= views <= len(READING_VIEWS):
-            raise FacertError(f"views must be 1 to {len(READING_VIEWS)}, got {views}")
-        return views
+        return self.config.reading_views if views is None else check_views(views)
 
     def _answer(self, codes: np.ndarray, name: str) -> dict[str, Any]:
         seq = self.templates.to_attribute(codes, name)
