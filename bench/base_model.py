@@ -16,6 +16,7 @@ from facert.runtime.config import (
     LMConfig,
     ModelConfig,
     VQGANConfig,
+    write_config,
 )
 
 BASE = ModelConfig(name="talk2face-base-random", lm=LMConfig(), vqgan=VQGANConfig(),
@@ -80,5 +81,5 @@ def make_base_model(out_dir: Path, seed: int = 0) -> Path:
     words += ["to", "image", "caption", "attributes", "gender", ":", "male", "female"]
     words += [f"w{i}" for i in range(BASE.lm.text_vocab_size - len(words))]
     (out_dir / VOCAB_FILE).write_text("\n".join(words) + "\n")
-    (out_dir / CONFIG_FILE).write_text(BASE.to_json())
+    write_config(out_dir, BASE)
     return out_dir

@@ -50,14 +50,14 @@ def time_decode(model: FaceModel, steps: int) -> list[float]:
     seq = model.templates.to_image(PROMPT, SamplingParams(seed=0), 0)
     backend, window = model.backend, model.templates.image_window
     slot = np.zeros(1, dtype=np.int64)
-    backend.prefill(slot, [seq.prompt_ids], [seq.prompt_segs], window)
+    backend.prefill(slot, [seq.prompt_ids], [seq.prompt_segs])
     rng = np.random.default_rng(0)
     times = []
     for i in range(WARM_STEPS + steps):
         token = rng.integers(window[0], window[1], 1)
         position = np.array([len(seq.prompt_ids) + i])
         t = time.perf_counter()
-        backend.decode(slot, token, position, window)
+        backend.head(backend.decode(slot, token, position), window)
         times.append(time.perf_counter() - t)
     return times[WARM_STEPS:]
 

@@ -73,10 +73,9 @@ def _decoded_logits(model: FaceModel, ids: np.ndarray, segs: np.ndarray) -> np.n
     backend, vocab = model.backend, (0, model.config.lm.vocab_size)
     slot = np.zeros(1, dtype=np.int64)
     n = int((segs == 1).sum())
-    backend.prefill(slot, [ids[:n]], [segs[:n]], vocab)
-    return np.stack(
-        [backend.decode(slot, ids[p : p + 1], np.array([p]), vocab)[0] for p in range(n, len(ids))]
-    )
+    backend.prefill(slot, [ids[:n]], [segs[:n]])
+    steps = [backend.decode(slot, ids[p : p + 1], np.array([p])) for p in range(n, len(ids))]
+    return np.concatenate([backend.head(hidden, vocab) for hidden in steps])
 
 
 def reference_model(model_dir: Path) -> FaceModel:

@@ -9,7 +9,9 @@ For int8 and int4 the VQGAN stays fp32: it runs once per image and its convoluti
 most from quantization.
 
 All graphs of one engine directory share a single weights file (`weights.bin`): a tensor used
-by several graphs (the prefill and decode graphs hold the same layers) is stored once.
+by several graphs (the prefill and decode graphs hold the same layers) is stored once. The
+manifest lists the sha256 of every other file, which the loader checks as it reads them.
+Exports are atomic and serialized between processes (runtime/onnx_engines.py says how).
 Needs onnx and onnxruntime, not torch.
 """
 
@@ -27,15 +29,29 @@ from pathlib import Path
 import onnx
 import onnxruntime
 
-from facert.runtime.config import LM_FILE, VQGAN_FILE, load_config, load_weights, model_hash
-from facert.runtime.errors import FacertError
+from facert.runtime.config import (
+    LM_FILE,
+    VQGAN_FILE,
+    ModelConfig,
+    load_config,
+    load_weights,
+    model_hash,
+)
+from facert.runtime.errors import FacertError, InvalidArgument, ModelFileError
+from facert.runtime.files import directory_lock, staged
+from facert.runtime.onnx_engines import (
+    ENGINE_FORMAT,
+    MANIFEST,
+    PRECISIONS,
+    WEIGHTS,
+    check_writable,
+    read_manifest,
+    staleness,
+)
 
 from .onnx_graphs import OPSET, all_graphs
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-ENGINE_FORMAT = 2  # 2: int8 weights in 7 bits
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.bin"
+__all__ = ["ENGINE_FORMAT", "PRECISIONS", "export_engine", "read_manifest", "staleness"]
 EXTERNAL_MIN_BYTES = 1024
 LM_GRAPHS = ("lm_prefill", "lm_decode", "head_text", "head_image")
 FUSED_OPS = (
@@ -156,21 +172,53 @@ def export_engine(
     out_dir: str | Path,
     precision: str = "fp32",
     progress: Callable[[str], None] | None = None,
+    needed: Callable[[], str | None] | None = None,
 ) -> dict:
-    """Build all graphs of a model directory at one precision; returns the manifest."""
+    """Build all graphs of a model directory at one precision into `out_dir`; returns the
+    manifest. The graphs are built in a temporary sibling directory and renamed into place, all
+    under out_dir's export lock, so a reader never sees part of a directory and two exports
+    never interleave. `needed`, asked once the lock is held, says why the export is still needed
+    (None: another process has just written current graphs, which are kept)."""
     if precision not in PRECISIONS:
-        raise FacertError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise InvalidArgument(
+            f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
+        )
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = load_config(model_dir)
+    check_writable(out_dir)
+    try:
+        with directory_lock(out_dir):
+            if needed is not None and needed() is None:
+                return read_manifest(out_dir)
+            with staged(out_dir) as tmp:
+                return _build(model_dir, config, tmp, precision, progress)
+    except OSError as e:  # a full disk, or a place that refuses writes after all
+        raise FacertError(f"cannot write the engine directory {out_dir}: {e}") from e
+
+
+def _build(
+    model_dir: Path,
+    config: ModelConfig,
+    out_dir: Path,
+    precision: str,
+    progress: Callable[[str], None] | None,
+) -> dict:
     lm, vqgan = load_weights(model_dir / LM_FILE), load_weights(model_dir / VQGAN_FILE)
-    graphs = all_graphs(lm, vqgan, config)
+    try:
+        graphs = all_graphs(lm, vqgan, config)
+    except KeyError as e:  # the header of a damaged (or foreign) weights file lost a name
+        raise ModelFileError(
+            f"{model_dir} has no tensor {e.args[0]!r} ({LM_FILE} or {VQGAN_FILE} is damaged or "
+            "belongs to another model): restore it or convert the model again"
+        ) from e
     for name in list(graphs):
         if (transform := _transform(name, precision)) is not None:
             if progress:
                 progress(f"{precision} {name}")
             graphs[name] = transform(graphs[name])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # an interrupted export must not look complete
+    if progress:
+        progress("writing")
+    save_sharing_weights(graphs, out_dir)
     manifest = {
         "format": ENGINE_FORMAT,
         "precision": precision,
@@ -186,43 +234,20 @@ def export_engine(
             n: {"file": f"{n}.onnx", "inputs": _io(m.graph.input), "outputs": _io(m.graph.output)}
             for n, m in graphs.items()
         },
+        "files": {f.name: _sha256(f) for f in sorted(out_dir.iterdir())},
     }
-    if progress:
-        progress("writing")
-    save_sharing_weights(graphs, out_dir)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fused_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts = Counter(n.op_type for n in model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
-
-
-def read_manifest(engine_dir: str | Path) -> dict:
-    path = Path(engine_dir) / MANIFEST
-    if not path.is_file():
-        raise FacertError(f"{engine_dir} is not an exported engine directory (no {MANIFEST})")
-    return json.loads(path.read_text())
-
-
-def staleness(engine_dir: str | Path, model_dir: str | Path, precision: str) -> str | None:
-    """Why an engine directory cannot serve this model at this precision, or None if it can."""
-    try:
-        manifest = read_manifest(engine_dir)
-    except (FacertError, json.JSONDecodeError) as e:
-        return str(e)
-    if manifest.get("format") != ENGINE_FORMAT:
-        return f"it was written by another facert export format ({manifest.get('format')})"
-    if manifest.get("precision") != precision:
-        return f"it holds {manifest.get('precision')} graphs, not {precision}"
-    if manifest.get("source_model_sha256") != model_hash(model_dir):
-        return "the model directory changed since it was exported"
-    missing = [
-        g["file"]
-        for g in manifest["graphs"].values()
-        if not (Path(engine_dir) / g["file"]).is_file()
-    ]
-    if missing or not (Path(engine_dir) / WEIGHTS).is_file():
-        return f"files are missing: {', '.join(missing) or WEIGHTS}"
-    return None

@@ -10,10 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from facert.runtime.errors import FacertError
+from facert.runtime.errors import (
+    FacertError,
+    ImageError,
+    InvalidArgument,
+    LimitExceeded,
+    ModelFileError,
+)
+from facert.runtime.limits import Limits
 from facert.runtime.model import FaceModel
 
-__all__ = ["FaceModel", "FacertError", "load"]
+__all__ = [
+    "FaceModel",
+    "FacertError",
+    "ImageError",
+    "InvalidArgument",
+    "LimitExceeded",
+    "Limits",
+    "ModelFileError",
+    "load",
+]
 __version__ = "0.1.0"
 # A tiny Talk2Face trained on synthetic faces (facert.export.train), so everything works offline.
 BUNDLED_MODEL = Path(__file__).parent / "models" / "talk2face-synth"
@@ -29,6 +45,7 @@ def load(model_dir: str | Path | None = None, **options: Any) -> FaceModel:
     threads (intra-op threads), decode ("auto": decode steps run facert's fused CPU kernel on
     the CPU provider in fp32 and int8, the exported lm_decode graph otherwise; "fused" or
     "graph" to insist). num_slots: how many sequences decode together. progress: show a
-    progress bar while exporting.
+    progress bar while exporting. limits: a facert.Limits, the largest request one call may
+    make (faces, drawings per face, text length, image pixels); over it is a LimitExceeded.
     """
     return FaceModel(BUNDLED_MODEL if model_dir is None else model_dir, **options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,13 +75,14 @@ def _load(args: argparse.Namespace):
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from facert.export.convert import convert
+    from facert.runtime.errors import InvalidArgument
 
     attributes = None
-    if args.attributes:
+    if args.attributes is not None:
         try:
-            attributes = json.loads(Path(args.attributes).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise FacertError(f"cannot read attribute vocabulary {args.attributes}: {e}") from e
+            attributes = json.loads(Path(args.attributes).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidArgument(f"cannot read attribute vocabulary {args.attributes}: {e}") from e
     config = convert(
         args.lm,
         args.lm_config,
@@ -162,14 +164,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _engine_info(engine_dir: Path) -> None:
-    from facert.export.onnx_export import read_manifest
+    from facert.runtime.onnx_engines import read_engine
 
-    m = read_manifest(engine_dir)
-    size = sum(f.stat().st_size for f in Path(engine_dir).iterdir()) / 2**20
+    engine = read_engine(engine_dir)  # every file checked against its sha256
+    m = engine.manifest
+    size = sum(map(len, engine.contents.values())) / 2**20
     print(f"engine       {engine_dir}  ({m['precision']}, opset {m['opset']}, {size:.1f} MiB)")
     print(f"exported by  onnx {m['onnx_version']}, onnxruntime {m['onnxruntime_version']}")
     print(f"source model sha256 {m['source_model_sha256']}")
     print(f"KV cache     {m['kv_cache']}")
+    print(f"checksums    {len(m['files'])} files match their sha256 in manifest.json")
     for graph, ops in m["fused_ops"].items():
         fused = ", ".join(f"{op} x{n}" for op, n in ops.items()) or "none"
         print(f"fused ops    {graph:14s} {fused}")
@@ -401,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input is one line and status 2; a failing disk or file system one
+    line and status 1; anything else is a facert bug, reported in one line unless
+    FACERT_DEBUG=1 asks for the traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -410,6 +417,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("facert: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        print(f"facert: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if os.environ.get("FACERT_DEBUG"):
+            raise
+        print(
+            f"facert: internal error: {type(e).__name__}: {e} (a bug in facert; please report "
+            "it with the output of FACERT_DEBUG=1 and the command)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -1,9 +1,21 @@
-"""Fused CPU decode step (kernels/cpu/decode.cpp): one call per step runs the whole LM for a
-batch of rows against the runtime's KV cache, reading each weight once.
+"""Fused CPU decode step (kernels/cpu/decode.cpp): `FusedDecoder.step` runs the LM's layers for
+a batch of rows against the runtime's KV cache and returns their final hidden states;
+`FusedDecoder.head` turns hidden states into the logits of one vocabulary window. A step over one
+window is one call of each, reading each weight once; a batch mixing windows runs the layers once
+and the head once per window, each row paying only for its own window's rows of the head.
 
 Weights come straight from a model directory's `lm.safetensors` (facert names). `int8` quantizes
 every matrix per output row, symmetric, here at load time (a second or two for the base model);
 the kernel quantizes activations per row on the fly.
+
+Batch independence: a row's hidden state and logits are bit-identical whatever other rows share
+the call (batch size, their slots, positions, tokens), in fp32 and int8, on every path (AVX-512
+tiles, VNNI, the portable build) and for any thread count. Each output value is computed whole by
+one thread; the choice of product kernel for a weight row depends only on the weights' shape and
+the CPU, and the AVX-512 tiles (4 weight rows x 1..4 inputs) give every (row, input) pair the same
+fused multiply-add chain and lane reduction whatever the tile's width; int8 activations are
+quantized per row and int8 products are exact integers. Logits of one vocabulary id can differ in
+the last bits between two different windows (the head's 4-row tiles start at the window's `lo`).
 """
 
 from __future__ import annotations
@@ -42,13 +54,13 @@ class _LM(ctypes.Structure):
 
 
 @cache
-def _kernel(library: ctypes.CDLL) -> Callable[..., int]:
-    fn = library.facert_decode_step
+def _kernels(library: ctypes.CDLL) -> tuple[Callable[..., int], Callable[..., int]]:
+    step, head = library.facert_decode_step, library.facert_head
     i64 = ctypes.c_int64
-    fn.argtypes = [ctypes.POINTER(_LM), _ptr, _ptr, i64, i64, _i32, _ptr, _ptr, _ptr, _i32, _i32,
-                   _ptr, _i32]  # fmt: skip
-    fn.restype = ctypes.c_int
-    return fn
+    step.argtypes = [ctypes.POINTER(_LM), _ptr, _ptr, i64, i64, _i32, _ptr, _ptr, _ptr, _ptr, _i32]
+    head.argtypes = [ctypes.POINTER(_LM), _ptr, _i32, _i32, _i32, _ptr, _i32]
+    step.restype = head.restype = ctypes.c_int
+    return step, head
 
 
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,11 +93,12 @@ class FusedDecoder:
         if precision not in PRECISIONS:
             raise ValueError(f"the fused decoder runs {PRECISIONS}, not {precision!r}")
         self.precision, self.threads = precision, threads or default_threads()
-        self._step = _kernel(library or cpu_library())
+        self._step, self._head = _kernels(library or cpu_library())
         self._keep: list[np.ndarray] = []  # every buffer the kernel points into
         n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
         wte = weights["wte.weight"]
         self.vocab_size, n_embd = wte.shape
+        self.n_embd = n_embd
         n_ffn = weights["blocks.0.mlp.fc.weight"].shape[0]
         layers = (_Layer * n_layer)()
         for i, layer in enumerate(layers):
@@ -134,27 +147,46 @@ class FusedDecoder:
         slots: np.ndarray,
         tokens: np.ndarray,
         positions: np.ndarray,
-        window: tuple[int, int],
     ) -> np.ndarray:
         """Append tokens (B,) at positions (B,) of slots (B,), writing their keys/values into the
-        caches in place; returns float32 (B, hi-lo) logits over vocabulary ids [lo, hi)."""
+        caches in place; returns their float32 (B, C) final hidden states (after ln_f)."""
         for kv in (k_cache, v_cache):
             if kv.dtype != np.float32 or not kv.flags.c_contiguous or kv.ndim != 5:
                 raise ValueError("the KV cache must be C-contiguous float32 (L, S, H, M, D)")
         slots, tokens, positions = (np.ascontiguousarray(a, dtype=np.int64)
                                     for a in (slots, tokens, positions))  # fmt: skip
-        lo, hi = window
-        logits = np.empty((len(tokens), hi - lo), dtype=np.float32)  # (B, W)
+        if not len(tokens) == len(slots) == len(positions):
+            raise ValueError("slots, tokens and positions must have one entry per row")
+        hidden = np.empty((len(tokens), self.n_embd), dtype=np.float32)  # (B, C)
+        if not len(tokens):
+            return hidden
         status = self._step(
             ctypes.byref(self._lm), k_cache.ctypes.data, v_cache.ctypes.data, k_cache.shape[1],
             k_cache.shape[3], len(tokens), tokens.ctypes.data, positions.ctypes.data,
-            slots.ctypes.data, lo, hi, logits.ctypes.data, self.threads,
+            slots.ctypes.data, hidden.ctypes.data, self.threads,
         )  # fmt: skip
         if status:
             raise ValueError(
                 f"decode step out of range: slots {slots}, positions {positions}, tokens "
-                f"{tokens}, window {window} (cache {k_cache.shape}, vocabulary {self.vocab_size})"
+                f"{tokens} (cache {k_cache.shape}, vocabulary {self.vocab_size})"
             )
+        return hidden
+
+    def head(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+        """float (N, C) final hidden states -> float32 (N, hi-lo) logits over vocabulary ids
+        [lo, hi), reading only those rows of the head."""
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        lo, hi = (int(w) for w in window)
+        if hidden.ndim != 2 or hidden.shape[1] != self.n_embd:
+            raise ValueError(f"hidden states must be (N, {self.n_embd}), not {hidden.shape}")
+        if not 0 <= lo < hi <= self.vocab_size:
+            raise ValueError(f"window {window} out of range (vocabulary {self.vocab_size})")
+        logits = np.empty((len(hidden), hi - lo), dtype=np.float32)  # (N, W)
+        if len(hidden) and self._head(
+            ctypes.byref(self._lm), hidden.ctypes.data, len(hidden), lo, hi, logits.ctypes.data,
+            self.threads,
+        ):  # fmt: skip
+            raise ValueError(f"head window {window} out of range")
         return logits
 
 

@@ -10,18 +10,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import FacertError
+from .errors import FacertError, ModelFileError
+from .limits import check_int
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "facert.json"
 LM_FILE = "lm.safetensors"
 VQGAN_FILE = "vqgan.safetensors"
 VOCAB_FILE = "vocab.txt"
+# Files facert.json may record the sha256 of, under "sha256" (see model_hash).
+CHECKED_FILES = (LM_FILE, VQGAN_FILE, VOCAB_FILE)
 
 # Image input scaling fed to the VQGAN encoder, as the number of times x -> 2x - 1 is applied to
 # pixels in [0, 1]. "reference" reproduces the released Talk2Face script, which applies it twice
@@ -79,10 +83,8 @@ class VQGANConfig:
 
 
 def check_views(views: int, what: str = "views") -> int:
-    """`views` if it counts 1 to all of READING_VIEWS, else a FacertError naming `what`."""
-    if not 1 <= views <= len(READING_VIEWS):
-        raise FacertError(f"{what} must be 1 to {len(READING_VIEWS)}, got {views}")
-    return views
+    """`views` if it counts 1 to all of READING_VIEWS, else an InvalidArgument naming `what`."""
+    return check_int(views, what, 1, len(READING_VIEWS))
 
 
 @dataclass(frozen=True)
@@ -129,20 +131,81 @@ class ModelConfig:
                 f"{self.vqgan.n_embed} codes"
             )
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """facert.json's parsed contents -> config. Every key and type is checked, so a malformed
+        file is one ModelFileError naming the field rather than a TypeError deep in a backend.
+        Counts and sizes must be at least 1, token ids (`*_id`) at least 0. The optional
+        "sha256" record (see model_hash) is checked for shape and is not part of the config."""
+        if not isinstance(d, dict):
+            raise ModelFileError(f"expected a JSON object, got {type(d).__name__}")
         d = dict(d)
         version = d.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise FacertError(f"unsupported facert.json format_version {version}")
-        vq = dict(d.pop("vqgan", {}))
-        for k in ("ch_mult", "attn_resolutions"):
-            if k in vq:
-                vq[k] = tuple(vq[k])
-        return cls(lm=LMConfig(**d.pop("lm", {})), vqgan=VQGANConfig(**vq), **d)
+            raise ModelFileError(f"unsupported format_version {version!r}")
+        _recorded_sha256(d.pop("sha256", {}))
+        try:
+            config = _from_json(cls, d, "")
+        except ModelFileError:
+            raise
+        except FacertError as e:  # __post_init__'s checks
+            raise ModelFileError(str(e)) from e
+        lm = config.lm
+        if lm.n_embd % lm.n_head:
+            raise ModelFileError(
+                f"lm.n_embd ({lm.n_embd}) must be divisible by lm.n_head ({lm.n_head})"
+            )
+        return config
+
+
+def _from_json(cls: type, d: object, where: str) -> typing.Any:
+    """A dataclass from a JSON object, each value checked against its field's type hint."""
+    if not isinstance(d, dict):
+        raise ModelFileError(f"{where.rstrip('.') or 'the file'} must be an object, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ModelFileError(
+            f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(fields))})"
+        )
+    return cls(**{k: _from_json_value(v, hints[k], where + k) for k, v in d.items()})
+
+
+def _from_json_value(v: object, hint: typing.Any, where: str) -> typing.Any:
+    if dataclasses.is_dataclass(hint):
+        return _from_json(hint, v, where + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (tuple, list):  # tuple[int, ...] or list[str]: a JSON array
+        if not isinstance(v, list):
+            raise ModelFileError(f"{where} must be a list, got {v!r}")
+        return origin(_from_json_value(x, args[0], f"{where}[{i}]") for i, x in enumerate(v))
+    if origin is dict:  # JSON keys are always strings
+        if not isinstance(v, dict):
+            raise ModelFileError(f"{where} must be an object, got {v!r}")
+        return {k: _from_json_value(x, args[1], f"{where}.{k}") for k, x in v.items()}
+    numeric = hint in (int, float) and not isinstance(v, bool)
+    if hint is float and numeric and isinstance(v, int):
+        v = float(v)
+    if not isinstance(v, hint) or (hint in (int, float) and not numeric):
+        raise ModelFileError(f"{where} must be {hint.__name__}, got {v!r}")
+    if hint is int and v < (least := 0 if where.endswith("_id") else 1):
+        raise ModelFileError(f"{where} must be at least {least}, got {v}")
+    if hint is float and not v > 0:
+        raise ModelFileError(f"{where} must be positive, got {v}")
+    return v
+
+
+def _recorded_sha256(recorded: object) -> dict[str, str]:
+    """facert.json's optional "sha256": {file: hex digest} for the files in CHECKED_FILES."""
+    if not isinstance(recorded, dict) or not all(
+        name in CHECKED_FILES and isinstance(d, str) and len(d) == 64
+        for name, d in recorded.items()
+    ):
+        raise ModelFileError(
+            f"sha256 must map some of {', '.join(CHECKED_FILES)} to sha256 digests"
+        )
+    return recorded
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
@@ -150,37 +213,82 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     model_dir = Path(model_dir)
     path = model_dir / CONFIG_FILE
     if not path.is_file():
-        raise FacertError(
+        raise ModelFileError(
             f"{model_dir} is not a facert model directory (no {CONFIG_FILE}); "
             "create one with `facert convert`"
         )
     for name in (LM_FILE, VQGAN_FILE, VOCAB_FILE):
         if not (model_dir / name).is_file():
-            raise FacertError(f"model directory {model_dir} is missing {name}")
+            raise ModelFileError(f"model directory {model_dir} is missing {name}")
+    config = _read_json(path)
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise FacertError(f"{path} is not a valid facert config: {e}") from e
+        return ModelConfig.from_dict(config)
+    except ModelFileError as e:
+        raise ModelFileError(f"{path} is not a valid facert config: {e}") from e
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ModelFileError(f"{path} is not readable JSON: {e}") from e
 
 
 def model_hash(model_dir: str | Path) -> str:
-    """sha256 over the files that define the model, so exported engines can detect staleness."""
+    """sha256 over the files that define the model, so exported engines can detect staleness.
+
+    Every load computes it, reading each file once; that same pass checks each file against the
+    sha256 facert.json records for it under "sha256", when it does. So a bit flip in the
+    weights of such a model is a ModelFileError here, at no extra read. (Without a record, a
+    damaged safetensors header or a truncated file still fails in load_weights; a flip in the
+    tensor data cannot be told from a new model and makes the engines stale.)"""
     model_dir = Path(model_dir)
+    digests = {name: _sha256(model_dir / name) for name in (CONFIG_FILE, *CHECKED_FILES)}
+    config = _read_json(model_dir / CONFIG_FILE)
+    recorded = _recorded_sha256(config.get("sha256", {}) if isinstance(config, dict) else {})
+    for name, digest in recorded.items():
+        if digests[name] != digest:
+            raise ModelFileError(
+                f"{model_dir / name} does not match the sha256 that {CONFIG_FILE} records for it: "
+                "it is corrupt or was replaced; restore it or convert the model again"
+            )
+    return hashlib.sha256("".join(f"{n} {d}\n" for n, d in digests.items()).encode()).hexdigest()
+
+
+def write_config(model_dir: str | Path, config: ModelConfig) -> None:
+    """Write facert.json with the sha256 of the weights and vocabulary beside it (call it
+    after writing them): every load then checks them in the pass model_hash makes anyway."""
+    model_dir = Path(model_dir)
+    record = {name: _sha256(model_dir / name) for name in CHECKED_FILES}
+    doc = {**dataclasses.asdict(config), "sha256": record}
+    (model_dir / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    for name in (CONFIG_FILE, LM_FILE, VQGAN_FILE, VOCAB_FILE):
-        h.update(name.encode())
-        with open(model_dir / name, "rb") as f:
+    try:
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
+    except OSError as e:
+        raise ModelFileError(f"cannot read {path}: {e.strerror}") from e
     return h.hexdigest()
 
 
 def load_weights(path: str | Path) -> dict[str, np.ndarray]:
     """A safetensors file -> float32 arrays by name (float16 files are widened exactly)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
         weights = load_file(str(path))
-    except (OSError, TypeError, ValueError) as e:  # bfloat16 has no numpy type
-        raise FacertError(f"cannot read {path} (float32 or float16 weights expected): {e}") from e
+    except (OSError, SafetensorError) as e:  # truncated, or a damaged header
+        raise ModelFileError(
+            f"{path} is corrupt or not a safetensors file ({e}); restore it or convert the "
+            "model again"
+        ) from e
+    except (TypeError, ValueError) as e:  # bfloat16 has no numpy type
+        raise ModelFileError(
+            f"cannot read {path} (float32 or float16 weights expected): {e}"
+        ) from e
     return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in weights.items()}

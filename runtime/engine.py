@@ -1,9 +1,21 @@
-"""Run sequences to completion: prefill, then one decode step at a time for the rows still
-running. Policy (which requests run together) belongs to the caller; this file only executes."""
+"""Execution: prefill new sequences, then decode one token for every running row, on the
+backend's static cache. Which sequences run together is the scheduler's decision; this file
+only executes a step and reports it to its observers.
+
+A step may mix tasks: the layers run once for all its rows, then the head once per vocabulary
+window among them (image codes for drawings, text for captions and answers), each row sampled
+with its own parameters and RNG. Prompts are prefilled in groups of equal length, so a row's
+arithmetic never depends on which other prompts arrived beside it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,71 +25,103 @@ from .sampler import next_tokens
 from .sequence import Sequence
 
 
+@dataclass(frozen=True)
+class StepEvent:
+    """What one engine call did, for observers (benchmarks, doctor, metrics)."""
+
+    kind: str  # "prefill" or "decode"
+    rows: int
+    tokens: int  # prompt tokens run (prefill) or tokens produced (decode)
+    seconds: float
+
+
 class Engine:
     def __init__(self, backend: Backend, num_slots: int, max_len: int):
         self.backend = backend
         self.pool = SlotPool(num_slots, max_len)
         backend.allocate(num_slots, max_len)
+        self._lock = threading.Lock()
+        # Called after every prefill and decode call with a StepEvent; observers must not
+        # raise (an observer's error fails the step's requests).
+        self.observers: list[Callable[[StepEvent], None]] = []
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the backend's cache: steps and runs of different threads never interleave."""
+        with self._lock:
+            yield
+
+    def prefill(self, seqs: list[Sequence]) -> None:
+        """Run the prompts of sequences that hold slots; each gets its first token."""
+        start = time.perf_counter()
+        by_length: dict[int, list[Sequence]] = defaultdict(list)
+        for s in seqs:
+            by_length[len(s.prompt_ids)].append(s)
+        for group in by_length.values():
+            hidden = self.backend.prefill(
+                np.array([s.slot for s in group]),
+                [s.prompt_ids for s in group],
+                [s.prompt_segs for s in group],
+            )  # (B, C)
+            self._sample(group, hidden)
+        tokens = sum(len(s.prompt_ids) for s in seqs)
+        self._report(StepEvent("prefill", len(seqs), tokens, time.perf_counter() - start))
+
+    def decode(self, seqs: list[Sequence]) -> None:
+        """One token for each running sequence, whatever its task."""
+        start = time.perf_counter()
+        hidden = self.backend.decode(
+            np.array([s.slot for s in seqs]),
+            np.array([s.generated[-1] for s in seqs]),
+            np.array([s.last_position for s in seqs]),
+        )  # (B, C)
+        self._sample(seqs, hidden)
+        self._report(StepEvent("decode", len(seqs), len(seqs), time.perf_counter() - start))
+
+    def _sample(self, seqs: list[Sequence], hidden: np.ndarray) -> None:
+        """Head and sampling per vocabulary window; append each row's token and log-prob."""
+        by_window: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for r, s in enumerate(seqs):
+            by_window[s.window].append(r)
+        for window, rows in by_window.items():
+            logits = self.backend.head(hidden[rows], window)  # (N, hi - lo)
+            group = [seqs[r] for r in rows]
+            tokens, logp = next_tokens(logits, group)
+            for s, t, lp in zip(group, tokens, logp):
+                s.generated.append(int(t))
+                s.logprobs.append(float(lp))
+
+    def _report(self, event: StepEvent) -> None:
+        for observer in self.observers:
+            observer(event)
 
     def run(self, seqs: list[Sequence], on_step: Callable[[int], None] | None = None) -> None:
-        """Complete every sequence (in-place), at most `num_slots` at a time. Rows of one batch
-        share a vocabulary window; `on_step(n)` reports n tokens produced (for progress bars)."""
-        for start in range(0, len(seqs), self.pool.num_slots):
-            self._run_batch(seqs[start : start + self.pool.num_slots], on_step)
-
-    def _run_batch(self, seqs: list[Sequence], on_step: Callable[[int], None] | None) -> None:
-        window = seqs[0].window
-        if any(s.window != window for s in seqs):
-            raise ValueError("all rows of a batch must share one vocabulary window")
-        for s in seqs:
-            s.slot = self.pool.acquire()
-        try:
-            logits = self.backend.prefill(
-                np.array([s.slot for s in seqs]),
-                [s.prompt_ids for s in seqs],
-                [s.prompt_segs for s in seqs],
-                window,
-            )
-            active = seqs
-            while True:
-                tokens, logp = next_tokens(logits, active)
-                for s, t, lp in zip(active, tokens, logp):
-                    s.generated.append(int(t))
-                    s.logprobs.append(float(lp))
-                if on_step:
-                    on_step(len(active))
-                for s in active:
-                    if s.done:
-                        self._release(s)
-                active = self._compact([s for s in active if not s.done])
-                if not active:
-                    return
-                logits = self.backend.decode(
-                    np.array([s.slot for s in active]),
-                    np.array([s.generated[-1] for s in active]),
-                    np.array([s.last_position for s in active]),
-                    window,
-                )
-        finally:
-            for s in seqs:
-                if s.slot >= 0:
-                    self._release(s)
+        """Complete a fixed list of sequences on the calling thread, at most `num_slots` at a
+        time (the one-at-a-time baseline the benchmarks compare the scheduler with, and the
+        tools' direct path). `on_step(n)` reports n tokens produced. Every slot it took is free
+        again when it returns, raises or is interrupted."""
+        with self.exclusive():
+            for start in range(0, len(seqs), self.pool.num_slots):
+                batch = seqs[start : start + self.pool.num_slots]
+                try:
+                    for s in batch:
+                        s.slot = self.pool.acquire()
+                    self.prefill(batch)
+                    while True:
+                        if on_step:
+                            on_step(sum(1 for s in batch if s.slot >= 0))
+                        for s in batch:
+                            if s.done and s.slot >= 0:
+                                self._release(s)
+                        active = [s for s in batch if s.slot >= 0]
+                        if not active:
+                            break
+                        self.decode(active)
+                finally:
+                    for s in batch:
+                        if s.slot >= 0:
+                            self._release(s)
 
     def _release(self, seq: Sequence) -> None:
         self.pool.release(seq.slot)
         seq.slot = -1
-
-    def _compact(self, active: list[Sequence]) -> list[Sequence]:
-        """Move running rows into the lowest free slots and order them by slot, so a decode
-        step's rows stay slots 0..B-1, which backends bind in place."""
-        for s in sorted(active, key=lambda s: s.slot, reverse=True):
-            if not self.pool.num_free:
-                break  # every slot is in use, so the running rows already are 0..B-1
-            target = self.pool.acquire()
-            if target < s.slot:
-                self.backend.copy_slot(s.slot, target, s.last_position)
-                self.pool.release(s.slot)
-                s.slot = target
-            else:
-                self.pool.release(target)
-        return sorted(active, key=lambda s: s.slot)

@@ -23,3 +23,22 @@ class ImageError(FacertError):
 
 class ModelFileError(FacertError):
     """A checkpoint, model directory or engine directory that is malformed, corrupt or stale."""
+
+
+class FacertOverloaded(FacertError):
+    """The model's queue is full: try again after `retry_after` seconds (an estimate)."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(FacertError):
+    """A request that cannot finish by its deadline (refused at admission) or that ran past it
+    (cancelled, its cache slots freed)."""
+
+
+class EngineFailure(FacertError):
+    """The backend failed while running a step: the requests with rows in that step fail with
+    this error, every other request goes on. Also raised once the model is closed or its
+    engine thread has stopped."""

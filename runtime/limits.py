@@ -22,6 +22,7 @@ class Limits:
     max_text_chars: int = 2000  # characters of a description (the model reads 64 ids of it)
     max_image_pixels: int = 40_000_000  # decoded pixels of one input image (decompression bombs)
     max_images: int = 256  # images per encode call
+    max_questions: int = 64  # attribute names per attributes() call
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -13,8 +14,10 @@ from .backends import create_backend
 from .backends.base import Backend
 from .config import VOCAB_FILE, ModelConfig, check_views, load_config
 from .engine import Engine
-from .errors import FacertError
+from .errors import InvalidArgument, LimitExceeded
 from .images import ImageLike, face_views, model_input, to_uint8
+from .kv_cache import kv_bytes_per_slot
+from .limits import Limits, check_float, check_int, check_limit, check_text
 from .sampler import log_softmax
 from .sequence import GREEDY, SamplingParams
 from .tasks import Templates
@@ -26,30 +29,31 @@ DEFAULT_SLOTS = 16
 class ImageTokenizer:
     """Faces <-> VQGAN codes."""
 
-    def __init__(self, backend: Backend, config: ModelConfig):
-        self.backend, self.config = backend, config
+    def __init__(self, backend: Backend, config: ModelConfig, limits: Limits):
+        self.backend, self.config, self.limits = backend, config, limits
+
+    def model_input(self, images: Any) -> np.ndarray:
+        """Images in any accepted form -> float32 [N, 3, H, W] encoder input, within limits."""
+        return model_input(
+            images, self.config.vqgan.resolution, self.config.image_scaling,
+            max_pixels=self.limits.max_image_pixels, max_images=self.limits.max_images,
+        )  # fmt: skip
 
     def encode(self, images: Any) -> np.ndarray:
         """uint8 [N, H, W, 3] RGB (or paths / PIL images), or float32 [N, 3, H, W] already
         scaled -> int64 [N, T] codes."""
-        x = model_input(images, self.config.vqgan.resolution, self.config.image_scaling)
-        return self.backend.encode_images(x)
+        return self.backend.encode_images(self.model_input(images))
 
     def decode(self, codes: Any) -> np.ndarray:
         """int [N, T] codes -> float32 [N, 3, H, W] images in [-1, 1]."""
-        codes = np.asarray(codes)
+        codes = _int_array(codes, "codes")
         n_codes, n_embed = self.config.vqgan.num_codes_per_image, self.config.vqgan.n_embed
-        if (
-            codes.ndim != 2
-            or codes.shape[1] != n_codes
-            or not np.issubdtype(codes.dtype, np.integer)
-        ):
-            raise FacertError(
-                f"codes must be integers [N, {n_codes}]; got {codes.dtype} {list(codes.shape)}"
-            )
-        if codes.size and (codes.min() < 0 or codes.max() >= n_embed):
-            raise FacertError(f"codes must lie in [0, {n_embed})")
-        return self.backend.decode_images(codes.astype(np.int64))
+        if codes.ndim != 2 or codes.shape[1] != n_codes or not len(codes):
+            raise InvalidArgument(f"codes must be integers [N, {n_codes}], got {list(codes.shape)}")
+        check_limit(len(codes), "the number of code rows", self.limits.max_images, "max_images")
+        if codes.min() < 0 or codes.max() >= n_embed:
+            raise InvalidArgument(f"codes must lie in [0, {n_embed})")
+        return self.backend.decode_images(codes)
 
 
 class FaceModel:
@@ -64,18 +68,34 @@ class FaceModel:
         decode: str = "auto",
         num_slots: int = DEFAULT_SLOTS,
         progress: bool = True,
+        limits: Limits | None = None,
     ):
+        if not isinstance(model_dir, (str, os.PathLike)):
+            raise InvalidArgument(f"model_dir must be a path, got {type(model_dir).__name__}")
+        for name, value in (("backend", backend), ("precision", precision), ("decode", decode)):
+            if not isinstance(value, str):
+                raise InvalidArgument(f"{name} must be a str, got {type(value).__name__}")
+        if threads is not None:
+            check_int(threads, "threads", lo=1)
+        if providers is not None and (
+            isinstance(providers, str) or not all(isinstance(p, str) for p in providers)
+        ):
+            raise InvalidArgument("providers must be a list of execution provider names")
+        if limits is not None and not isinstance(limits, Limits):
+            raise InvalidArgument(f"limits must be a facert Limits, got {type(limits).__name__}")
+        self.limits = limits or Limits()
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
+        max_len = min(self.config.lm.seq_length, self.config.lm.max_positions)
+        _check_cache_fits(check_int(num_slots, "num_slots", lo=1), self.config, max_len)
         self.tokenizer = WordPieceTokenizer(self.model_dir / VOCAB_FILE)
         self.backend = create_backend(
             backend, self.model_dir, self.config, precision=precision,
             engine_dir=Path(engine_dir) if engine_dir else None, providers=providers,
             threads=threads, decode=decode, progress=progress,
         )  # fmt: skip
-        self.image_tokenizer = ImageTokenizer(self.backend, self.config)
+        self.image_tokenizer = ImageTokenizer(self.backend, self.config, self.limits)
         self.templates = Templates(self.config, self.tokenizer)
-        max_len = min(self.config.lm.seq_length, self.config.lm.max_positions)
         self.engine = Engine(self.backend, num_slots, max_len)
 
     def __repr__(self) -> str:
@@ -83,12 +103,14 @@ class FaceModel:
 
     def forward_logits(self, ids: Iterable[int], segs: Iterable[int]) -> np.ndarray:
         """Full prefix-LM forward, no cache: float32 [L, V]."""
-        ids, segs = np.asarray(list(ids), dtype=np.int64), np.asarray(list(segs), dtype=np.int64)
+        ids, segs = _int_array(ids, "ids"), _int_array(segs, "segs")
         lm = self.config.lm
         if ids.ndim != 1 or ids.shape != segs.shape or not 0 < len(ids) <= lm.max_positions:
-            raise FacertError(f"ids and segs must be equal-length 1-D, 1..{lm.max_positions} long")
+            raise InvalidArgument(
+                f"ids and segs must be equal-length 1-D, 1..{lm.max_positions} long"
+            )
         if ids.min() < 0 or ids.max() >= lm.vocab_size or segs.min() < 0 or segs.max() > 2:
-            raise FacertError(f"ids must lie in [0, {lm.vocab_size}) and segs in {{0, 1, 2}}")
+            raise InvalidArgument(f"ids must lie in [0, {lm.vocab_size}) and segs in {{0, 1, 2}}")
         return self.backend.forward_logits(ids, segs)
 
     def generate_faces(
@@ -111,10 +133,12 @@ class FaceModel:
         draws them, so this follows the text more often than one sample, for `candidates`
         times the drawing work plus a teacher-forced caption pass per drawing. `on_step(k)`
         reports k tokens drawn or scored, generation_steps() in all."""
+        text = check_text(text, "text", self.limits.max_text_chars)
+        n = check_limit(n, "n", self.limits.max_faces, "max_faces")
         candidates = self._candidates(candidates)
-        if n < 1:
-            raise FacertError("n must be at least 1")
         params = _params(seed, top_k, top_p, temperature)
+        if on_step is not None and not callable(on_step):
+            raise InvalidArgument("on_step must be a callable or None")
         drawings = [
             self.templates.to_image(text, params, stream=i * candidates + k)
             for i in range(n)
@@ -136,6 +160,8 @@ class FaceModel:
 
     def generation_steps(self, text: str, n: int = 1, candidates: int | None = None) -> int:
         """Tokens generate_faces(text, n, candidates=...) reports to on_step: a progress total."""
+        text = check_text(text, "text", self.limits.max_text_chars)
+        n = check_limit(n, "n", self.limits.max_faces, "max_faces")
         candidates = self._candidates(candidates)
         n_codes = self.config.vqgan.num_codes_per_image
         if candidates == 1:
@@ -148,9 +174,7 @@ class FaceModel:
     def _candidates(self, candidates: int | None) -> int:
         if candidates is None:
             return self.config.image_candidates
-        if candidates < 1:
-            raise FacertError("candidates must be at least 1")
-        return candidates
+        return check_limit(candidates, "candidates", self.limits.max_candidates, "max_candidates")
 
     def caption(
         self,
@@ -162,6 +186,8 @@ class FaceModel:
         temperature: float = 1.0,
     ) -> str:
         """Describe a face in words."""
+        if not isinstance(greedy, bool):
+            raise InvalidArgument(f"greedy must be True or False, got {greedy!r}")
         params = GREEDY if greedy else _params(seed, top_k, top_p, temperature)
         seq = self.templates.to_caption(self.image_tokenizer.encode([image])[0], params)
         self.engine.run([seq])
@@ -183,27 +209,44 @@ class FaceModel:
         each answer's probabilities over the views before normalising.
         generate: greedy free text; "prob" is the probability of the generated answer.
         """
-        names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
-        names = [n for n in names if n]
-        if not names:
-            raise FacertError("no attribute names given")
+        names = self._names(names)
         if mode not in ("score", "generate"):
-            raise FacertError(f"mode must be 'score' or 'generate', not {mode!r}")
+            raise InvalidArgument(f"mode must be 'score' or 'generate', not {mode!r}")
         known = self.config.attributes
         if mode == "score" and (unknown := [n for n in names if n not in known]):
-            raise FacertError(
+            raise InvalidArgument(
                 f"unknown attribute(s) {', '.join(unknown)}; this model knows "
                 f"{', '.join(known) or 'none'} (mode='generate' asks any question)"
             )
         n_views = self._views(views) if mode == "score" else 1
         vqgan = self.config.vqgan
-        x = model_input([image], vqgan.resolution, self.config.image_scaling)  # (1, 3, H, W)
+        x = self.image_tokenizer.model_input([image])  # (1, 3, H, W)
         shift = max(1, vqgan.resolution // vqgan.latent_size // 4)  # a quarter code cell
         codes = self.image_tokenizer.encode(face_views(x, n_views, shift))  # (V, T)
         return {
             n: (self._score(codes, n) if mode == "score" else self._answer(codes[0], n))
             for n in names
         }
+
+    def _names(self, names: str | Iterable[str]) -> list[str]:
+        """Attribute names as given: a comma-separated str or an iterable of str."""
+        if isinstance(names, str):
+            names = names.split(",")
+        elif not isinstance(names, Iterable) or isinstance(names, (bytes, dict)):
+            raise InvalidArgument(
+                f"names must be a str or a list of str, got {type(names).__name__}"
+            )
+        names = list(names)
+        if not all(isinstance(n, str) for n in names):
+            raise InvalidArgument("every attribute name must be a str")
+        names = [n.strip() for n in names if n.strip()]
+        if not names:
+            raise InvalidArgument("no attribute names given")
+        check_limit(len(names), "the number of attribute names", self.limits.max_questions,
+                    "max_questions")  # fmt: skip
+        for n in names:
+            check_text(n, "an attribute name", self.limits.max_text_chars)
+        return names
 
     def _views(self, views: int | None) -> int:
         return self.config.reading_views if views is None else check_views(views)
@@ -233,10 +276,35 @@ class FaceModel:
         }
 
 
+# top_k at or above a window's size keeps every id; larger values mean the same.
+_TOP_K_CAP = 2**31 - 1
+
+
 def _params(seed: int | None, top_k: int, top_p: float, temperature: float) -> SamplingParams:
-    if temperature < 0 or top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise FacertError("need temperature >= 0, top_k >= 0 and 0 <= top_p <= 1")
-    seed = secrets.randbits(63) if seed is None else seed
-    if not 0 <= seed < 2**64:
-        raise FacertError("seed must be a non-negative 64-bit integer")
+    temperature = check_float(temperature, "temperature", 0.0)
+    top_p = check_float(top_p, "top_p", 0.0, 1.0)
+    top_k = min(check_int(top_k, "top_k", lo=0), _TOP_K_CAP)
+    seed = secrets.randbits(63) if seed is None else check_int(seed, "seed", 0, 2**64 - 1)
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
+def _int_array(values: Any, name: str) -> np.ndarray:
+    """Integer ids or codes as int64; floats, bools and strings are refused, not truncated."""
+    try:
+        arr = np.asarray(values if isinstance(values, np.ndarray) else list(values))
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"{name} must be a sequence of integers: {e}") from e
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidArgument(f"{name} must be integers, got {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _check_cache_fits(num_slots: int, config: ModelConfig, max_len: int) -> None:
+    """Refuse a KV cache larger than this machine's memory before allocating it."""
+    need = num_slots * kv_bytes_per_slot(config.lm, max_len)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise LimitExceeded(
+            f"num_slots={num_slots} needs {need / 2**30:.1f} GiB of KV cache, more than this "
+            f"machine's {have / 2**30:.1f} GiB"
+        )

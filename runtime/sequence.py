@@ -27,7 +27,7 @@ def philox(seed: int, stream: int = 0) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=np.array([seed, stream], dtype=np.uint64)))
 
 
-@dataclass
+@dataclass(eq=False)  # a running sequence is itself, whatever its contents
 class Sequence:
     prompt_ids: np.ndarray  # (T,) int64
     prompt_segs: np.ndarray  # (T,) int64, 1 = prefix, 2 = generated side
@@ -51,6 +51,14 @@ class Sequence:
         if self.generated and self.generated[-1] == self.stop_id:
             return True
         return len(self.generated) >= self.max_new_tokens
+
+    @property
+    def tokens_left(self) -> int:
+        """Tokens still to produce, at most: a text row may stop sooner at its stop id."""
+        if self.done:
+            return 0
+        total = len(self.forced) if self.forced is not None else self.max_new_tokens
+        return total - len(self.generated)
 
     @property
     def last_position(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelConfig
-from .errors import FacertError
+from .errors import FacertError, InvalidArgument
 from .sequence import GREEDY, SamplingParams, Sequence
 from .tokenizer import WordPieceTokenizer
 
@@ -38,15 +38,15 @@ class Templates:
         """Tokens left before the reference's total length (seq_length)."""
         room = min(self.config.lm.seq_length, self.config.lm.max_positions) - prompt_len
         if room < 1:
-            raise FacertError(f"prompt of {prompt_len} ids leaves no room to generate")
+            raise InvalidArgument(f"a prompt of {prompt_len} ids leaves no room to generate")
         return room
 
     def to_image(self, text: str, params: SamplingParams, stream: int) -> Sequence:
         if not text or not text.strip():
-            raise FacertError("the text to draw a face from is empty")
+            raise InvalidArgument("the text to draw a face from is empty")
         words = self.tokenizer.encode(text)
         if not words:
-            raise FacertError(f"the text {text!r} has no tokens")
+            raise InvalidArgument(f"the text {text!r} has no words the model knows")
         ids = ([*self._head("to_image"), *words, self.config.sep_id])[: self.config.max_text_ids]
         n_codes = self.config.vqgan.num_codes_per_image
         if self._room(len(ids)) < n_codes:
@@ -89,7 +89,7 @@ class Templates:
         """The attribute template; with `forced`, a teacher-forced continuation to score."""
         question = self.tokenizer.encode(f"{name}:")
         if not question:
-            raise FacertError(f"attribute name {name!r} has no tokens")
+            raise InvalidArgument(f"attribute name {name!r} has no words the model knows")
         prefix = [*self._head("to_attributes"), *self._image_part(codes)]
         ids = prefix + question
         segs = np.array([1] * len(prefix) + [2] * len(question), dtype=np.int64)
@@ -100,7 +100,7 @@ class Templates:
     ) -> Sequence:
         room = self._room(len(ids))
         if forced is not None and len(forced) > room:
-            raise FacertError("candidate answer is longer than the room left in the sequence")
+            raise InvalidArgument("candidate answer is longer than the room left in the sequence")
         return Sequence(
             prompt_ids=np.array(ids, dtype=np.int64),
             prompt_segs=segs,

@@ -217,7 +217,7 @@ def test_decode_codes_roundtrip_range(any_model):
         (lambda m: m.generate_faces("a face", top_p=2.0), "top_p"),
         (lambda m: m.generate_faces("a face", candidates=0), "candidates must be at least 1"),
         (lambda m: m.caption("/nonexistent/face.png"), "image not found"),
-        (lambda m: m.caption(np.zeros((4, 4), dtype=np.uint8)), "uint8 RGB"),
+        (lambda m: m.caption(np.zeros((4, 4, 2), dtype=np.uint8)), "uint8 RGB"),
         (lambda m: m.caption(3.5), "unsupported image type"),
         (lambda m: m.attributes(np.zeros((8, 8, 3), np.uint8), "hair"), "unknown attribute"),
         (lambda m: m.attributes(np.zeros((8, 8, 3), np.uint8), ""), "no attribute names"),

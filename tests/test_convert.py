@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from facert.export.checkpoint import Placeholder, read_checkpoint
 from facert.export.convert import OLD_TP_NAMES, convert
-from facert.runtime.config import LM_FILE, VQGAN_FILE, load_config
+from facert.runtime.config import LM_FILE, VQGAN_FILE, load_config, write_config
 from facert.runtime.errors import FacertError
 
 from .conftest import T2F, VOCAB, VQ
@@ -49,6 +50,20 @@ def test_malicious_pickle_does_not_run(tmp_path):
     loaded = read_checkpoint(path)
     assert not marker.exists()
     assert isinstance(loaded["evil"], Placeholder) and torch.equal(loaded["x"], torch.zeros(2))
+
+
+def test_legacy_format_copies_convert_identically(tmp_path):
+    """torch.save(_use_new_zipfile_serialization=False) files hold the same weights as zip ones."""
+    lm = torch.load(T2F / "talk2face.bin", weights_only=True)
+    torch.save(lm, tmp_path / "lm.bin", _use_new_zipfile_serialization=False)
+    vq = {"state_dict": dict(read_checkpoint(VQ / "last.ckpt")["state_dict"])}
+    torch.save(vq, tmp_path / "vq.ckpt", _use_new_zipfile_serialization=False)
+    assert not any(zipfile.is_zipfile(tmp_path / f) for f in ("lm.bin", "vq.ckpt"))
+    _convert(tmp_path / "zip")
+    _convert(tmp_path / "legacy", lm=tmp_path / "lm.bin", vq=tmp_path / "vq.ckpt")
+    zip_dir, legacy_dir = tmp_path / "zip" / "m", tmp_path / "legacy" / "m"
+    for name in ("facert.json", LM_FILE, VQGAN_FILE, "vocab.txt"):
+        assert (zip_dir / name).read_bytes() == (legacy_dir / name).read_bytes(), name
 
 
 def test_old_tencentpretrain_names_are_accepted(tmp_path):
@@ -122,6 +137,7 @@ def _copy_weights(source, target, cast) -> None:
         weights = load_file(str(source / name))
         save_file({k: cast(v) if v.is_floating_point() else v for k, v in weights.items()},
                   str(target / name))  # fmt: skip
+    write_config(target, load_config(target))  # new weights on purpose: record their sha256
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])

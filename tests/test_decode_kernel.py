@@ -41,7 +41,8 @@ def random_weights(rng, vocab: int, n_embd: int, n_ffn: int, n_layer: int, posit
 
 
 def reference_step(w, n_head, k, v, slots, tokens, positions, window, int8):
-    """One decode step in float64 numpy; writes the new keys/values into k, v."""
+    """One decode step in float64 numpy; writes the new keys/values into k, v. Returns the final
+    hidden states (B, C) and the window's logits (B, hi-lo)."""
     f = {name: a.astype(np.float64) for name, a in w.items()}
 
     def linear(x, weight, bias=0.0):  # (B, K) @ (N, K).T -> (B, N)
@@ -82,7 +83,8 @@ def reference_step(w, n_head, k, v, slots, tokens, positions, window, int8):
             att[b] = np.einsum("ht,htd->hd", probs, values)
         x = x + dense(att.reshape(B, C), p + "attn.proj")
         x = x + dense(gelu(dense(layer_norm(x, p + "ln_2"), p + "mlp.fc")), p + "mlp.proj")
-    return linear(layer_norm(x, "ln_f"), w["lm_head.weight"][window[0] : window[1]])
+    hidden = layer_norm(x, "ln_f")
+    return hidden, linear(hidden, w["lm_head.weight"][window[0] : window[1]])
 
 
 SHAPES = {  # (vocab, n_embd, n_head, n_ffn): the tiny fixture's widths, and widths with tails
@@ -101,18 +103,29 @@ def case(request):
     v = rng.standard_normal(cache_shape).astype(np.float32)
     # five rows: a block of four (the batched tiles) and one more, in scattered slots
     rows = dict(slots=np.array([5, 0, 7, 2, 3]), tokens=np.array([3, vocab - 1, 100, 7, 8]),
-                positions=np.array([9, 0, 39, 20, 1]), window=(17, vocab - 5))  # fmt: skip
-    return w, n_head, k, v, rows
+                positions=np.array([9, 0, 39, 20, 1]))  # fmt: skip
+    return w, n_head, k, v, rows, (17, vocab - 5)
+
+
+def step_logits(decoder, k, v, rows, window):
+    """A decode step over one vocabulary window: the layers, then the head."""
+    return decoder.head(decoder.step(k, v, **rows), window)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_step_matches_numpy_reference(case, precision):
-    w, n_head, k, v, rows = case
+    w, n_head, k, v, rows, window = case
     k_ref, v_ref, k_before = k.copy(), v.copy(), k.copy()
-    expected = reference_step(w, n_head, k_ref, v_ref, **rows, int8=precision == "int8")
-    logits = FusedDecoder(w, n_head, EPS, precision, threads=2).step(k, v, **rows)
-    assert logits.shape == expected.shape and logits.dtype == np.float32
+    ref_hidden, expected = reference_step(
+        w, n_head, k_ref, v_ref, **rows, window=window, int8=precision == "int8"
+    )
+    decoder = FusedDecoder(w, n_head, EPS, precision, threads=2)
+    hidden = decoder.step(k, v, **rows)
+    assert hidden.shape == ref_hidden.shape and hidden.dtype == np.float32
     bound = 1e-5 if precision == "fp32" else 5e-3  # int8: an activation may round the other way
+    assert np.abs(hidden - ref_hidden).max() / np.abs(ref_hidden).max() < bound
+    logits = decoder.head(hidden, window)
+    assert logits.shape == expected.shape and logits.dtype == np.float32
     assert np.abs(logits - expected).max() / np.abs(expected).max() < bound
     # the new position of each row's slot is written, every other cache entry is untouched
     assert np.allclose(k, k_ref, atol=1e-4) and np.allclose(v, v_ref, atol=1e-4)
@@ -125,13 +138,76 @@ def test_results_do_not_depend_on_the_thread_count(case, precision):
     """Every output row is computed whole by one thread, so any thread count gives the same bits;
     4 threads on this 2-core CI machine, 50 steps each, also exercise late and preempted
     workers in the pool."""
-    w, n_head, k, v, rows = case
-    expected = FusedDecoder(w, n_head, EPS, precision, 1).step(k.copy(), v.copy(), **rows)
+    w, n_head, k, v, rows, window = case
+    decoder = FusedDecoder(w, n_head, EPS, precision, 1)
+    expected = step_logits(decoder, k.copy(), v.copy(), rows, window)
     for threads in (2, 3, 4):
         decoder = FusedDecoder(w, n_head, EPS, precision, threads)
         for _ in range(50):
             kc, vc = k.copy(), v.copy()
-            assert np.array_equal(decoder.step(kc, vc, **rows), expected)
+            assert np.array_equal(step_logits(decoder, kc, vc, rows, window), expected)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint32)  # -0.0 and 0.0 differ, NaNs compare
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("library", ["native", "portable"])
+def test_a_row_gets_the_same_bits_whatever_its_batch(precision, library, request):
+    """The scheduler batches rows of different requests (and tasks) into one step: a row's hidden
+    state and logits must not depend on the other rows. Batches of 1, 3, 5, 16 and 32 rows at
+    random slots, positions and tokens (the 4 x 1..4 tiles, and batches that end in each
+    remainder) against each row run alone; widths that take the AVX-512 / VNNI tiles
+    (64, 256: multiples of 64) and widths that do not (40, 100)."""
+    lib = request.getfixturevalue("portable_library") if library == "portable" else None
+    for (vocab, n_embd, n_head, n_ffn), seed in zip(SHAPES.values(), (11, 12)):
+        rng = np.random.default_rng(seed)
+        w = random_weights(rng, vocab, n_embd, n_ffn, n_layer=2, positions=48)
+        shape = (2, 32, n_head, 48, n_embd // n_head)  # (L, S, H, M, D)
+        k = rng.standard_normal(shape).astype(np.float32)
+        v = rng.standard_normal(shape).astype(np.float32)
+        decoder = FusedDecoder(w, n_head, EPS, precision, threads=2, library=lib)
+        for batch in (1, 3, 5, 16, 32):
+            rows = dict(slots=rng.permutation(32)[:batch], tokens=rng.integers(0, vocab, batch),
+                        positions=rng.integers(0, 48, batch))  # fmt: skip
+            for window in ((0, vocab), (13, vocab - 7)):
+                k_batch, v_batch = k.copy(), v.copy()
+                hidden = decoder.step(k_batch, v_batch, **rows)
+                logits = decoder.head(hidden, window)
+                for b in range(batch):
+                    one = {name: a[b : b + 1] for name, a in rows.items()}
+                    k_one, v_one = k.copy(), v.copy()
+                    alone = decoder.step(k_one, v_one, **one)
+                    assert np.array_equal(_bits(alone[0]), _bits(hidden[b])), (batch, b)
+                    assert np.array_equal(_bits(decoder.head(alone, window)[0]), _bits(logits[b]))
+                    # its keys/values too: the same bits at the same place
+                    at = (slice(None), rows["slots"][b], slice(None), rows["positions"][b])
+                    assert np.array_equal(_bits(k_one[at]), _bits(k_batch[at]))
+                    assert np.array_equal(_bits(v_one[at]), _bits(v_batch[at]))
+                # the head alone: any subset of hidden rows gives each row's same logits
+                some = rng.permutation(batch)[: max(1, batch // 2)]
+                assert np.array_equal(
+                    _bits(decoder.head(hidden[some], window)), _bits(logits[some])
+                )
+
+
+def test_one_step_serves_rows_of_different_windows(case):
+    """The layers once for all rows, then the head per window: each row's logits are those of a
+    step over its own window alone."""
+    w, n_head, k, v, rows, _ = case
+    vocab = w["wte.weight"].shape[0]
+    decoder = FusedDecoder(w, n_head, EPS, "int8", threads=2)
+    windows = [(0, 150), (150, vocab), (0, 150), (150, vocab), (0, vocab)]
+    hidden = decoder.step(k.copy(), v.copy(), **rows)
+    for b, window in enumerate(windows):
+        one = {name: a[b : b + 1] for name, a in rows.items()}
+        same = [r for r, other in enumerate(windows) if other == window]
+        mixed = decoder.head(hidden[same], window)[same.index(b)]
+        assert np.array_equal(mixed, step_logits(decoder, k.copy(), v.copy(), one, window)[0])
+    with pytest.raises(ValueError, match="out of range"):
+        decoder.head(hidden, (0, vocab + 1))
+    assert decoder.head(hidden[:0], (0, 10)).shape == (0, 10)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
@@ -139,14 +215,14 @@ def test_a_forked_child_decodes(case):
     """Servers fork workers after loading a model: the child has none of the parent's pool
     threads and must neither hang nor crash (here it also asks for another thread count), and
     the parent keeps working."""
-    w, n_head, k, v, rows = case
+    w, n_head, k, v, rows, window = case
     decoder = FusedDecoder(w, n_head, EPS, "fp32", threads=2)
-    expected = decoder.step(k.copy(), v.copy(), **rows)  # the parent's pool is running
+    expected = step_logits(decoder, k.copy(), v.copy(), rows, window)  # the parent's pool runs
     pid = os.fork()
     if pid == 0:  # child: exit status 0 if its step gives the same logits
         try:
             decoder.threads = 3
-            same = np.array_equal(decoder.step(k.copy(), v.copy(), **rows), expected)
+            same = np.array_equal(step_logits(decoder, k.copy(), v.copy(), rows, window), expected)
         finally:
             os._exit(0 if same else 1)
     deadline = time.monotonic() + 60
@@ -157,18 +233,18 @@ def test_a_forked_child_decodes(case):
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung in its decode step")
     assert os.waitstatus_to_exitcode(done[1]) == 0
-    assert np.array_equal(decoder.step(k.copy(), v.copy(), **rows), expected)
+    assert np.array_equal(step_logits(decoder, k.copy(), v.copy(), rows, window), expected)
 
 
 def test_vnni_and_portable_int8_products_are_identical(case):
     if not allow_vnni(True):
         pytest.skip("this CPU has no AVX512-VNNI: int8 products always take the portable path")
-    w, n_head, k, v, rows = case
+    w, n_head, k, v, rows, window = case
     decoder = FusedDecoder(w, n_head, EPS, "int8", threads=2)
-    vnni = decoder.step(k.copy(), v.copy(), **rows)
+    vnni = step_logits(decoder, k.copy(), v.copy(), rows, window)
     try:
         assert not allow_vnni(False)
-        portable = decoder.step(k.copy(), v.copy(), **rows)
+        portable = step_logits(decoder, k.copy(), v.copy(), rows, window)
     finally:
         allow_vnni(True)
     assert np.array_equal(vnni, portable)  # integer dot products: exact on both paths
@@ -189,10 +265,12 @@ def portable_library(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_portable_build_matches_numpy_reference(case, precision, portable_library):
-    w, n_head, k, v, rows = case
-    expected = reference_step(w, n_head, k.copy(), v.copy(), **rows, int8=precision == "int8")
+    w, n_head, k, v, rows, window = case
+    _, expected = reference_step(
+        w, n_head, k.copy(), v.copy(), **rows, window=window, int8=precision == "int8"
+    )
     decoder = FusedDecoder(w, n_head, EPS, precision, threads=2, library=portable_library)
-    logits = decoder.step(k, v, **rows)
+    logits = step_logits(decoder, k, v, rows, window)
     assert np.abs(logits - expected).max() / np.abs(expected).max() < 1e-5
 
 
@@ -206,14 +284,20 @@ def test_quantize_rows_bounds():
 
 
 def test_out_of_range_arguments_are_refused(case):
-    w, n_head, k, v, rows = case
+    w, n_head, k, v, rows, _ = case
     decoder = FusedDecoder(w, n_head, EPS, "fp32", threads=1)
     before = k.copy()
     for bad in ({"positions": np.array([9, 0, 40, 20, 1])}, {"slots": np.array([5, 8, 7, 2, 3])},
-                {"tokens": np.array([3, -1, 100, 7, 8])}, {"window": (5, 5)}):  # fmt: skip
+                {"tokens": np.array([3, -1, 100, 7, 8])}):  # fmt: skip
         with pytest.raises(ValueError, match="out of range"):
             decoder.step(k, v, **{**rows, **bad})
     assert np.array_equal(k, before)
+    hidden = decoder.step(k.copy(), v.copy(), **rows)
+    for window in ((5, 5), (-1, 3), (0, w["wte.weight"].shape[0] + 1)):
+        with pytest.raises(ValueError, match="out of range"):
+            decoder.head(hidden, window)
+    with pytest.raises(ValueError, match="hidden states must be"):
+        decoder.head(hidden[:, :-1], (0, 5))
     with pytest.raises(ValueError, match="C-contiguous float32"):
         decoder.step(k.astype(np.float16), v, **rows)
 
@@ -235,9 +319,11 @@ def test_int8_decode_agrees_with_the_exact_model(tiny_model_dir, tiny_model):
         segs = np.concatenate([seq.prompt_segs, np.full(100, 2)])
         n = len(seq.prompt_ids)
         exact = tiny_model.forward_logits(ids, segs)[n:, window[0] : window[1]].argmax(-1)
-        m.backend.prefill(np.array([0]), [ids[:n]], [segs[:n]], window)
+        m.backend.prefill(np.array([0]), [ids[:n]], [segs[:n]])
         for p in range(n, len(ids)):
-            step = m.backend.decode(np.array([0]), ids[p : p + 1], np.array([p]), window)
+            step = m.backend.head(
+                m.backend.decode(np.array([0]), ids[p : p + 1], np.array([p])), window
+            )
             same.append(step[0].argmax() == exact[p - n])
     assert np.mean(same) >= 0.93
 

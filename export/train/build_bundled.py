@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from facert import BUNDLED_MODEL
 from facert.export.onnx_export import export_engine
-from facert.runtime.config import CONFIG_FILE, LM_FILE, VOCAB_FILE, VQGAN_FILE
+from facert.runtime.config import LM_FILE, VOCAB_FILE, VQGAN_FILE, write_config
 
 from . import classifier, lm, vqgan
 from .data import vocabulary
@@ -48,10 +48,10 @@ def write_model_dir(work: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     (out / EVAL_DIR).mkdir(parents=True)
-    (out / CONFIG_FILE).write_text(lm.bundled_config(len(vocab)).to_json() + "\n")
     shutil.copyfile(work / VOCAB_FILE, out / VOCAB_FILE)
     for name, source in ((LM_FILE, lm.WEIGHTS), (VQGAN_FILE, vqgan.WEIGHTS)):
         write_float16(work / source, out / name)
+    write_config(out, lm.bundled_config(len(vocab)))
     shutil.copyfile(work / classifier.ONNX_FILE, out / EVAL_DIR / classifier.ONNX_FILE)
     export_engine(out, out / "onnx" / "fp32", "fp32")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import LM_FILE, ModelConfig, load_weights
-from ..errors import FacertError
+from ..config import LM_FILE, ModelConfig, load_weights, model_hash
+from ..errors import FacertError, InvalidArgument
 from .base import Backend
 
 if TYPE_CHECKING:
@@ -32,7 +32,12 @@ def create_backend(
     decode steps run facert's fused CPU kernel ("fused"; "auto" where it applies: CPU provider,
     fp32 or int8) or the exported lm_decode graph ("graph")."""
     if name == "onnxruntime":
-        from ..onnx_engines import resolve_engine
+        from ..onnx_engines import PRECISIONS, resolve_engine
+
+        if precision not in PRECISIONS:
+            raise InvalidArgument(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
+            )
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         engine = resolve_engine(model_dir, precision, engine_dir, progress)
@@ -40,12 +45,13 @@ def create_backend(
         return OnnxRuntimeBackend(engine, config, providers=providers, threads=threads,
                                   fused_decoder=fused)  # fmt: skip
     if name == "torch":
+        model_hash(model_dir)  # checks the files against facert.json's sha256 record
         try:
             from .torch_backend import TorchBackend
         except ImportError as e:
             raise FacertError("the torch backend needs PyTorch: pip install 'facert[torch]'") from e
         return TorchBackend(model_dir, config)
-    raise FacertError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise InvalidArgument(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 DECODE_CHOICES = ("auto", "fused", "graph")
@@ -63,7 +69,7 @@ def fused_decoder(
     from facert.kernels.decode import PRECISIONS, FusedDecoder
 
     if decode not in DECODE_CHOICES:
-        raise FacertError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
+        raise InvalidArgument(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
     providers = providers or ["CPUExecutionProvider"]
     applies = providers == ["CPUExecutionProvider"] and precision in PRECISIONS
     if decode == "graph" or (decode == "auto" and not applies):

@@ -17,20 +17,20 @@ class Backend(Protocol):
         """Full prefix-LM forward without a cache: (L,) ids and segments -> float32 (L, V)."""
 
     def prefill(
-        self,
-        slots: np.ndarray,
-        ids: list[np.ndarray],
-        segs: list[np.ndarray],
-        window: tuple[int, int],
+        self, slots: np.ndarray, ids: list[np.ndarray], segs: list[np.ndarray]
     ) -> np.ndarray:
         """Run each row's prompt, store its keys/values in its slot from position 0, and return
-        the logits of each row's last prompt position over vocabulary ids [lo, hi): (B, hi-lo)."""
+        the final hidden state (after ln_f) of each row's last prompt position: float32 (B, C)."""
 
-    def decode(
-        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, window: tuple[int, int]
-    ) -> np.ndarray:
+    def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Append one segment-2 token per row at its position, attending to the row's cached
-        positions 0..pos; returns (B, hi-lo) float32 logits."""
+        positions 0..pos (its keys/values written in place); returns the rows' final hidden
+        states, float32 (B, C)."""
+
+    def head(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+        """(N, C) final hidden states -> float32 (N, hi-lo) logits over vocabulary ids [lo, hi).
+        A step runs the layers once for all its rows (prefill/decode), then the head once per
+        vocabulary window among them, so each row pays only for its own window."""
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot `src` into slot `dst`."""

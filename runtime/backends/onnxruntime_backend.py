@@ -1,13 +1,13 @@
 """ONNX Runtime backend: the embedded default. torch-free.
 
 The KV cache is one numpy array per keys/values, (layers, slots, heads, capacity, head_dim),
-allocated once. On the CPU provider in fp32 and int8, decode steps run facert's fused kernel
-(kernels/cpu/decode.cpp) straight on these arrays: ONNX Runtime's matrix-vector products at
-batch 1 fall well short of memory bandwidth. Otherwise a decode step runs the lm_decode graph,
-binding each layer's rows in place (IO binding, no copies); GroupQueryAttention writes the new
-position straight into them. That needs the step's rows to be slots 0..B-1 in order; any other
-slot set is gathered into a temporary prefix (only the positions in use) and the new position
-scattered back.
+allocated once. On the CPU provider in fp32 and int8, decode steps and the head run facert's
+fused kernel (kernels/cpu/decode.cpp), the steps straight on these arrays: ONNX Runtime's
+matrix-vector products at batch 1 fall well short of memory bandwidth. Otherwise a decode step
+runs the lm_decode graph, binding each layer's rows in place (IO binding, no copies);
+GroupQueryAttention writes the new position straight into them. That needs the step's rows to
+be slots 0..B-1 in order; any other slot set is gathered into a temporary prefix (only the
+positions in use) and the new position scattered back.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import onnxruntime as ort
 from facert.kernels.decode import FusedDecoder
 
 from ..config import ModelConfig
-from ..errors import FacertError
+from ..errors import FacertError, ModelFileError
+from ..onnx_engines import WEIGHTS, read_engine
 from .base import pad_rows
 
 GRAPHS = ("lm_prefill", "lm_decode", "head_text", "head_image", "vqgan_encoder", "vqgan_decoder")
@@ -60,23 +61,32 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
         fused_decoder: FusedDecoder | None = None,
     ):
-        self.config, self.engine_dir = config, Path(engine_dir)
+        self.config = config
         self.fused_decoder = fused_decoder
         self.providers = providers or ["CPUExecutionProvider"]
         check_providers(self.providers)
+        # Every file is read once, checked against its sha256 as it is read, and ONNX Runtime
+        # gets those bytes; a corrupt directory found automatically is re-exported meanwhile.
+        engine = read_engine(engine_dir)
+        self.engine_dir = engine.dir
         so = session_options(threads, spinning=fused_decoder is None)
+        so.add_external_initializers_from_files_in_memory(
+            [WEIGHTS], [engine.weights], [len(engine.weights)]
+        )
         # with the fused kernel the lm_decode graph is never run: not loading it saves a copy
         # of every layer's weights
         graphs = [g for g in GRAPHS if fused_decoder is None or g != "lm_decode"]
         try:
             self.sessions = {
-                g: ort.InferenceSession(
-                    str(self.engine_dir / f"{g}.onnx"), so, providers=self.providers
-                )
+                g: ort.InferenceSession(engine.graph(g), so, providers=self.providers)
                 for g in graphs
             }
         except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
-            raise FacertError(f"cannot load the ONNX graphs in {self.engine_dir}: {e}") from e
+            raise ModelFileError(f"cannot load the ONNX graphs in {self.engine_dir}: {e}") from e
+        for session in self.sessions.values():
+            # falling back to another provider would rebuild the session from `so`, whose
+            # weight bytes are freed once the sessions have copied them
+            session.disable_fallback()
         self.float_dtype = self._dtype("lm_prefill", "present_key_0")
         self.k_cache = self.v_cache = None
         self._bindings = {}
@@ -93,7 +103,15 @@ class OnnxRuntimeBackend:
         self.v_cache = np.zeros(shape, self.float_dtype)
         self._bindings: dict[tuple, _DecodeBinding] = {}
 
-    def _heads(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+    def head(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+        """(N, C) hidden -> (N, hi-lo) float32 logits. With the fused decoder, its head kernel
+        reads only the window's rows (what a decode step read before the split); otherwise the
+        head graphs the window overlaps."""
+        if self.fused_decoder is not None:
+            return self.fused_decoder.head(hidden, window)
+        return self._graph_heads(hidden, window)
+
+    def _graph_heads(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
         """(N, C) hidden -> (N, hi-lo) float32 logits, running only the heads the window needs."""
         text = self.config.lm.text_vocab_size
         hidden = np.ascontiguousarray(hidden, dtype=self.float_dtype)
@@ -112,14 +130,13 @@ class OnnxRuntimeBackend:
 
     def forward_logits(self, ids: np.ndarray, segs: np.ndarray) -> np.ndarray:
         hidden = self._prefill_run(ids[None].astype(np.int64), segs[None].astype(np.int64))[0]
-        return self._heads(hidden[0], (0, self.config.lm.vocab_size))
+        return self._graph_heads(hidden[0], (0, self.config.lm.vocab_size))
 
     def prefill(
         self,
         slots: np.ndarray,
         ids: list[np.ndarray],
         segs: list[np.ndarray],
-        window: tuple[int, int],
     ) -> np.ndarray:
         batch_ids, batch_segs, lengths = pad_rows(ids, segs)
         T = batch_ids.shape[1]
@@ -127,7 +144,8 @@ class OnnxRuntimeBackend:
         for layer in range(self.config.lm.n_layer):
             self.k_cache[layer, slots, :, :T] = present[2 * layer]
             self.v_cache[layer, slots, :, :T] = present[2 * layer + 1]
-        return self._heads(hidden[np.arange(len(ids)), lengths - 1], window)
+        last = hidden[np.arange(len(ids)), lengths - 1]  # (B, C)
+        return last.astype(np.float32)
 
     def _binding(self, k: np.ndarray, v: np.ndarray) -> _DecodeBinding:
         """An IO binding over these cache buffers, reused while they stay the same."""
@@ -137,15 +155,11 @@ class OnnxRuntimeBackend:
             self._bindings[key] = _DecodeBinding(self.sessions["lm_decode"], k, v, self.config)
         return self._bindings[key]
 
-    def decode(
-        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, window: tuple[int, int]
-    ) -> np.ndarray:
+    def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         B = len(slots)
         positions = np.asarray(positions, dtype=np.int64)
         if self.fused_decoder is not None:
-            return self.fused_decoder.step(
-                self.k_cache, self.v_cache, slots, tokens, positions, window
-            )
+            return self.fused_decoder.step(self.k_cache, self.v_cache, slots, tokens, positions)
         if np.array_equal(slots, np.arange(B)):
             binding = self._binding(self.k_cache[:, :B], self.v_cache[:, :B])  # in place
             hidden = binding.run(tokens, positions)
@@ -159,7 +173,7 @@ class OnnxRuntimeBackend:
             rows = np.arange(B)
             self.k_cache[:, slots, :, positions] = k[:, rows, :, positions]
             self.v_cache[:, slots, :, positions] = v[:, rows, :, positions]
-        return self._heads(hidden, window)
+        return hidden.astype(np.float32)  # a copy: the binding reuses its buffer
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]

@@ -51,7 +51,6 @@ class TorchBackend:
         slots: np.ndarray,
         ids: list[np.ndarray],
         segs: list[np.ndarray],
-        window: tuple[int, int],
     ) -> np.ndarray:
         batch_ids, batch_segs, lengths = pad_rows(ids, segs)
         T = batch_ids.shape[1]
@@ -71,12 +70,10 @@ class TorchBackend:
 
         h = self.lm.hidden(ids_t, segs_t, positions, prefix_mask_bias(segs_t), store)  # (B, T, C)
         last = h[torch.arange(len(ids)), self._tensor(lengths) - 1]  # (B, C)
-        return self.lm.logits(last, window).float().cpu().numpy()
+        return last.float().cpu().numpy()
 
     @torch.inference_mode()
-    def decode(
-        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, window: tuple[int, int]
-    ) -> np.ndarray:
+    def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         slots_t, pos_t = self._tensor(slots), self._tensor(positions)
         key_len = int(pos_t.max()) + 1
 
@@ -92,7 +89,12 @@ class TorchBackend:
         segs_t = torch.full_like(ids_t, 2)
         bias = decode_mask_bias(pos_t, key_len)  # (B, 1, 1, Tk)
         h = self.lm.hidden(ids_t, segs_t, pos_t[:, None], bias, append)  # (B, 1, C)
-        return self.lm.logits(h[:, 0], window).float().cpu().numpy()
+        return h[:, 0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def head(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+        h = torch.as_tensor(np.asarray(hidden, dtype=np.float32), device=self.device)  # (N, C)
+        return self.lm.logits(h, window).float().cpu().numpy()
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
