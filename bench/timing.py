@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from facert.runtime.engine import StepEvent
 from facert.runtime.model import FaceModel
 
 
@@ -53,26 +54,19 @@ def timed(call: Callable[[Callable[[int], None]], object]) -> Run:
 
 
 def timed_call(model: FaceModel, call: Callable[[], object]) -> Run:
-    """Time a public FaceModel call step by step. Only generate_faces takes an on_step callback,
-    so for the duration of the call the model's engine also reports every step to the clock."""
-    engine = model.engine
+    """Time a public FaceModel call step by step: for the duration of the call, the model's
+    engine reports every prefill and decode (each producing one token per row) to the clock,
+    through its public observer hook."""
 
     def with_clock(tick: Callable[[int], None]) -> None:
-        original = engine.run
+        def observe(event: StepEvent) -> None:
+            tick(event.rows)
 
-        def run(seqs, on_step=None):
-            def both(n: int) -> None:
-                tick(n)
-                if on_step:
-                    on_step(n)
-
-            return original(seqs, both)
-
-        engine.run = run
+        model.engine.observers.append(observe)
         try:
             call()
         finally:
-            del engine.run  # drops the instance attribute; the class's method shows again
+            model.engine.observers.remove(observe)
 
     return timed(with_clock)
 

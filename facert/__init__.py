@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from facert.runtime.errors import (
+    DeadlineExceeded,
+    EngineFailure,
     FacertError,
+    FacertOverloaded,
     ImageError,
     InvalidArgument,
     LimitExceeded,
@@ -21,8 +24,11 @@ from facert.runtime.limits import Limits
 from facert.runtime.model import FaceModel
 
 __all__ = [
+    "DeadlineExceeded",
+    "EngineFailure",
     "FaceModel",
     "FacertError",
+    "FacertOverloaded",
     "ImageError",
     "InvalidArgument",
     "LimitExceeded",
@@ -47,5 +53,7 @@ def load(model_dir: str | Path | None = None, **options: Any) -> FaceModel:
     "graph" to insist). num_slots: how many sequences decode together. progress: show a
     progress bar while exporting. limits: a facert.Limits, the largest request one call may
     make (faces, drawings per face, text length, image pixels); over it is a LimitExceeded.
+    max_queue: requests that may wait before new ones get FacertOverloaded. prefill_budget:
+    prompt tokens the scheduler starts in one step.
     """
     return FaceModel(BUNDLED_MODEL if model_dir is None else model_dir, **options)

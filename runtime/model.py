@@ -1,10 +1,21 @@
-"""The public model object: `facert.load(...)` returns a FaceModel."""
+"""The public model object: `facert.load(...)` returns a FaceModel.
+
+Every task call becomes a request for the model's scheduler: one engine thread batches the
+rows of every caller's requests in each step, so a FaceModel is safe and efficient to share
+between threads and asyncio tasks. Each task has three forms with the same arguments: blocking
+(`caption(...)`), a Future (`submit("caption", ...)`) and an awaitable (`await acaption(...)`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import secrets
+import time
+import weakref
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +29,14 @@ from .errors import InvalidArgument, LimitExceeded
 from .images import ImageLike, face_views, model_input, to_uint8
 from .kv_cache import kv_bytes_per_slot
 from .limits import Limits, check_float, check_int, check_limit, check_text
+from .metrics import Metrics
+from .request import PRIORITY_ANALYSIS, PRIORITY_GENERATION, Request
 from .sampler import log_softmax
-from .sequence import GREEDY, SamplingParams
+from .scheduler import Scheduler
+from .sequence import GREEDY, SamplingParams, Sequence
 from .tasks import Templates
 from .tokenizer import WordPieceTokenizer
+from .worker import Worker, then
 
 DEFAULT_SLOTS = 16
 
@@ -69,6 +84,8 @@ class FaceModel:
         num_slots: int = DEFAULT_SLOTS,
         progress: bool = True,
         limits: Limits | None = None,
+        max_queue: int = 256,
+        prefill_budget: int = 1024,
     ):
         if not isinstance(model_dir, (str, os.PathLike)):
             raise InvalidArgument(f"model_dir must be a path, got {type(model_dir).__name__}")
@@ -97,9 +114,72 @@ class FaceModel:
         self.image_tokenizer = ImageTokenizer(self.backend, self.config, self.limits)
         self.templates = Templates(self.config, self.tokenizer)
         self.engine = Engine(self.backend, num_slots, max_len)
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(
+            self.engine.pool,
+            max_queue=check_int(max_queue, "max_queue", lo=1),
+            prefill_budget=check_int(prefill_budget, "prefill_budget", lo=1),
+        )
+        self._worker = Worker(self.engine, self.scheduler, self.metrics)
+        weakref.finalize(self, self._worker.close)  # a dropped model stops its threads
 
     def __repr__(self) -> str:
         return f"FaceModel({str(self.model_dir)!r}, backend={self.backend.name!r})"
+
+    def close(self) -> None:
+        """Stop admitting requests, finish those admitted, stop the engine thread."""
+        self._worker.close()
+
+    def __enter__(self) -> FaceModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def health(self) -> dict[str, Any]:
+        """The engine thread: alive, busy, requests waiting, seconds since its last step."""
+        return self._worker.health()
+
+    def submit(self, task: str, *args: Any, **kwargs: Any) -> Future:
+        """Start `task` ("generate_faces", "caption" or "attributes", with that method's
+        arguments) and return a concurrent.futures.Future of its result at once. Bad arguments
+        and an unreadable image raise here; a full queue raises FacertOverloaded and a deadline
+        the model cannot meet DeadlineExceeded. Cancelling the future frees the request's
+        cache slots within one step."""
+        submitters = {
+            "generate_faces": self._submit_generate_faces,
+            "caption": self._submit_caption,
+            "attributes": self._submit_attributes,
+        }
+        if task not in submitters:
+            raise InvalidArgument(f"task must be one of {', '.join(submitters)}, not {task!r}")
+        return submitters[task](*args, **kwargs)
+
+    async def agenerate_faces(self, *args: Any, **kwargs: Any) -> list[np.ndarray]:
+        """Awaitable generate_faces (same arguments); cancelling the task cancels the request."""
+        return await _awaited(functools.partial(self.submit, "generate_faces", *args, **kwargs))
+
+    async def acaption(self, *args: Any, **kwargs: Any) -> str:
+        """Awaitable caption (same arguments)."""
+        return await _awaited(functools.partial(self.submit, "caption", *args, **kwargs))
+
+    async def aattributes(self, *args: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
+        """Awaitable attributes (same arguments)."""
+        return await _awaited(functools.partial(self.submit, "attributes", *args, **kwargs))
+
+    def _request(
+        self,
+        task: str,
+        seqs: list[Sequence],
+        finish: Callable[[list[Sequence]], Any],
+        priority: int,
+        deadline: float | None,
+        on_step: Callable[[int], None] | None = None,
+        continuation: bool = False,
+    ) -> Future:
+        on_token = None if on_step is None else (lambda _index, _token: on_step(1))
+        req = Request(task, seqs, finish, priority=priority, deadline=deadline, on_token=on_token)
+        return self._worker.submit(req, continuation=continuation)
 
     def forward_logits(self, ids: Iterable[int], segs: Iterable[int]) -> np.ndarray:
         """Full prefix-LM forward, no cache: float32 [L, V]."""
@@ -123,36 +203,73 @@ class FaceModel:
         temperature: float = 1.0,
         candidates: int | None = None,
         on_step: Callable[[int], None] | None = None,
+        priority: int | None = None,
+        deadline_s: float | None = None,
     ) -> list[np.ndarray]:
         """Draw n faces for a description -> n uint8 [H, W, 3]. Face i of a given seed is the
-        same whatever n is.
+        same whatever n is, and whatever else the model is doing.
 
         With `candidates` > 1 (default: the model's `image_candidates`) each face is the best
         of that many drawings: the one under which the model's own caption template finds
         the text most likely, log p(text | face). The model reads faces more reliably than it
         draws them, so this follows the text more often than one sample, for `candidates`
         times the drawing work plus a teacher-forced caption pass per drawing. `on_step(k)`
-        reports k tokens drawn or scored, generation_steps() in all."""
+        reports k tokens drawn or scored, generation_steps() in all (from the engine thread).
+        `priority`: lower runs first (default: after analysis requests); `deadline_s`: seconds
+        from now by which the faces are due (refused at once if impossible, cancelled if
+        overrun)."""
+        return _wait(self.submit(
+            "generate_faces", text, n=n, seed=seed, top_k=top_k, top_p=top_p,
+            temperature=temperature, candidates=candidates, on_step=on_step, priority=priority,
+            deadline_s=deadline_s,
+        ))  # fmt: skip
+
+    def _submit_generate_faces(
+        self,
+        text: str,
+        n: int = 1,
+        seed: int | None = None,
+        top_k: int = 70,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        candidates: int | None = None,
+        on_step: Callable[[int], None] | None = None,
+        priority: int | None = None,
+        deadline_s: float | None = None,
+    ) -> Future:
         text = check_text(text, "text", self.limits.max_text_chars)
         n = check_limit(n, "n", self.limits.max_faces, "max_faces")
         candidates = self._candidates(candidates)
         params = _params(seed, top_k, top_p, temperature)
         if on_step is not None and not callable(on_step):
             raise InvalidArgument("on_step must be a callable or None")
+        priority, deadline = _policy(priority, deadline_s, PRIORITY_GENERATION)
         drawings = [
             self.templates.to_image(text, params, stream=i * candidates + k)
             for i in range(n)
             for k in range(candidates)
         ]
-        self.engine.run(drawings, on_step)
-        if candidates > 1:
-            t = self.templates
+        drawn = self._request("generate", drawings, list, priority, deadline, on_step)
+        if candidates == 1:
+            return then(drawn, self._faces)
+        t = self.templates
+
+        def score(drawings: list[Sequence]) -> Future:
             scores = [t.to_description_score(t.codes_of(d), t.described_words(d)) for d in drawings]
-            self.engine.run(scores, on_step)
-            matches = np.array([sum(s.logprobs) for s in scores]).reshape(n, candidates)
-            drawings = [drawings[i * candidates + k] for i, k in enumerate(matches.argmax(1))]
-        # One image per decode call: batched convolutions round differently, and face i of a
-        # seed must be bit-identical however many faces were asked for.
+
+            def best(scores: list[Sequence]) -> list[Sequence]:
+                matches = np.array([sum(s.logprobs) for s in scores]).reshape(n, candidates)
+                return [drawings[i * candidates + k] for i, k in enumerate(matches.argmax(1))]
+
+            return self._request(
+                "score", scores, best, priority, deadline, on_step, continuation=True
+            )
+
+        return then(then(drawn, score), self._faces)
+
+    def _faces(self, drawings: list[Sequence]) -> list[np.ndarray]:
+        """Drawn codes -> uint8 faces, one image per VQGAN call: batched convolutions round
+        differently, and face i of a seed must be bit-identical however many were asked for."""
         return [
             to_uint8(self.image_tokenizer.decode(self.templates.codes_of(s)[None]))[0]
             for s in drawings
@@ -184,14 +301,34 @@ class FaceModel:
         top_k: int = 70,
         top_p: float = 0.0,
         temperature: float = 1.0,
+        priority: int | None = None,
+        deadline_s: float | None = None,
     ) -> str:
         """Describe a face in words."""
+        return _wait(self.submit(
+            "caption", image, seed=seed, greedy=greedy, top_k=top_k, top_p=top_p,
+            temperature=temperature, priority=priority, deadline_s=deadline_s,
+        ))  # fmt: skip
+
+    def _submit_caption(
+        self,
+        image: ImageLike,
+        seed: int | None = None,
+        greedy: bool = True,
+        top_k: int = 70,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        priority: int | None = None,
+        deadline_s: float | None = None,
+    ) -> Future:
         if not isinstance(greedy, bool):
             raise InvalidArgument(f"greedy must be True or False, got {greedy!r}")
         params = GREEDY if greedy else _params(seed, top_k, top_p, temperature)
+        priority, deadline = _policy(priority, deadline_s, PRIORITY_ANALYSIS)
         seq = self.templates.to_caption(self.image_tokenizer.encode([image])[0], params)
-        self.engine.run([seq])
-        return self.templates.text_of(seq)
+        return self._request(
+            "caption", [seq], lambda seqs: self.templates.text_of(seqs[0]), priority, deadline
+        )
 
     def attributes(
         self,
@@ -199,6 +336,8 @@ class FaceModel:
         names: str | Iterable[str],
         mode: str = "score",
         views: int | None = None,
+        priority: int | None = None,
+        deadline_s: float | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Answer attribute questions about a face -> {name: {"value", "prob"}}.
 
@@ -208,7 +347,22 @@ class FaceModel:
         many ways (itself, mirrored, shifted a quarter code cell right and left) and multiplies
         each answer's probabilities over the views before normalising.
         generate: greedy free text; "prob" is the probability of the generated answer.
+        Every question about the face is one request, its rows decoded together.
         """
+        return _wait(self.submit(
+            "attributes", image, names, mode=mode, views=views, priority=priority,
+            deadline_s=deadline_s,
+        ))  # fmt: skip
+
+    def _submit_attributes(
+        self,
+        image: ImageLike,
+        names: str | Iterable[str],
+        mode: str = "score",
+        views: int | None = None,
+        priority: int | None = None,
+        deadline_s: float | None = None,
+    ) -> Future:
         names = self._names(names)
         if mode not in ("score", "generate"):
             raise InvalidArgument(f"mode must be 'score' or 'generate', not {mode!r}")
@@ -219,14 +373,42 @@ class FaceModel:
                 f"{', '.join(known) or 'none'} (mode='generate' asks any question)"
             )
         n_views = self._views(views) if mode == "score" else 1
+        priority, deadline = _policy(priority, deadline_s, PRIORITY_ANALYSIS)
         vqgan = self.config.vqgan
         x = self.image_tokenizer.model_input([image])  # (1, 3, H, W)
         shift = max(1, vqgan.resolution // vqgan.latent_size // 4)  # a quarter code cell
         codes = self.image_tokenizer.encode(face_views(x, n_views, shift))  # (V, T)
-        return {
-            n: (self._score(codes, n) if mode == "score" else self._answer(codes[0], n))
-            for n in names
-        }
+        t = self.templates
+        if mode == "generate":
+            seqs = [t.to_attribute(codes[0], n) for n in names]
+            return self._request("attributes", seqs, lambda seqs: {
+                n: {"value": t.text_of(s), "prob": float(np.exp(sum(s.logprobs)))}
+                for n, s in zip(names, seqs)
+            }, priority, deadline)  # fmt: skip
+        questions = [(n, v) for n in names for v in known[n]]
+        seqs = [
+            t.to_attribute(view, n, forced=t.candidate_ids(v))
+            for view in codes
+            for n, v in questions
+        ]
+
+        def answers(seqs: list[Sequence]) -> dict[str, dict[str, Any]]:
+            logprobs = np.array([sum(s.logprobs) for s in seqs]).reshape(n_views, len(questions))
+            by_answer = logprobs.sum(0)  # each answer's log-probability summed over the views
+            out, start = {}, 0
+            for n in names:
+                values = known[n]
+                probs = np.exp(log_softmax(by_answer[start : start + len(values)]))
+                best = int(np.argmax(probs))
+                out[n] = {
+                    "value": values[best],
+                    "prob": float(probs[best]),
+                    "candidates": {v: float(p) for v, p in zip(values, probs)},
+                }
+                start += len(values)
+            return out
+
+        return self._request("attributes", seqs, answers, priority, deadline)
 
     def _names(self, names: str | Iterable[str]) -> list[str]:
         """Attribute names as given: a comma-separated str or an iterable of str."""
@@ -250,30 +432,6 @@ class FaceModel:
 
     def _views(self, views: int | None) -> int:
         return self.config.reading_views if views is None else check_views(views)
-
-    def _answer(self, codes: np.ndarray, name: str) -> dict[str, Any]:
-        seq = self.templates.to_attribute(codes, name)
-        self.engine.run([seq])
-        return {"value": self.templates.text_of(seq), "prob": float(np.exp(sum(seq.logprobs)))}
-
-    def _score(self, view_codes: np.ndarray, name: str) -> dict[str, Any]:
-        """view_codes: (V, T), the face read V ways; each value's log-probabilities are summed
-        over the views."""
-        values = self.config.attributes[name]
-        seqs = [
-            self.templates.to_attribute(codes, name, forced=self.templates.candidate_ids(v))
-            for codes in view_codes
-            for v in values
-        ]
-        self.engine.run(seqs)
-        logprobs = np.array([sum(s.logprobs) for s in seqs]).reshape(len(view_codes), len(values))
-        probs = np.exp(log_softmax(logprobs.sum(0)))
-        best = int(np.argmax(probs))
-        return {
-            "value": values[best],
-            "prob": float(probs[best]),
-            "candidates": {v: float(p) for v, p in zip(values, probs)},
-        }
 
 
 # top_k at or above a window's size keeps every id; larger values mean the same.
@@ -308,3 +466,28 @@ def _check_cache_fits(num_slots: int, config: ModelConfig, max_len: int) -> None
             f"num_slots={num_slots} needs {need / 2**30:.1f} GiB of KV cache, more than this "
             f"machine's {have / 2**30:.1f} GiB"
         )
+
+
+def _policy(priority: Any, deadline_s: Any, default_priority: int) -> tuple[int, float | None]:
+    """A call's priority (lower first) and its deadline as a time.monotonic() instant."""
+    priority = default_priority if priority is None else check_int(priority, "priority")
+    if deadline_s is None:
+        return priority, None
+    return priority, time.monotonic() + check_float(deadline_s, "deadline_s", 0.0)
+
+
+def _wait(future: Future) -> Any:
+    """The blocking forms: wait for a request; an interrupt (Ctrl-C) cancels it, which frees
+    its cache slots."""
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise
+
+
+async def _awaited(submit: Callable[[], Future]) -> Any:
+    """Validation and image encoding run off the event loop; then wait without blocking it.
+    Cancelling the awaiting task cancels the request."""
+    future = await asyncio.get_running_loop().run_in_executor(None, submit)
+    return await asyncio.wrap_future(future)

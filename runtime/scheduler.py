@@ -1,0 +1,199 @@
+"""Policy: which requests are admitted, which sequences start next, and which are dropped.
+
+No threads and no execution here (the worker runs steps, the engine executes them). The rules:
+- a bounded queue: past `max_queue` waiting requests a new one is refused at once with
+  FacertOverloaded and an estimate of when to retry, never an unbounded backlog;
+- deadlines: a request the cost model says cannot finish in time is refused at admission; one
+  that runs past its deadline is dropped and its slots freed;
+- priorities: lower first (analysis before drawing by default), then earliest deadline, then
+  arrival; `reserved_slots` slots are kept for the most urgent priority, so a kiosk's question
+  never waits behind a 256-token drawing that filled the cache;
+- a prefill budget: the prompts started in one step hold at most `prefill_budget` tokens (at
+  least one prompt), so a burst of arrivals cannot stall the running rows for long.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+from .errors import DeadlineExceeded, FacertOverloaded
+from .kv_cache import SlotPool
+from .request import PRIORITY_ANALYSIS, Request
+from .sequence import Sequence
+
+# Free text (captions, generate-mode answers) usually stops at [SEP] long before its room runs
+# out; the cost model counts this many tokens for such a row.
+EXPECTED_TEXT_TOKENS = 24
+
+
+@dataclass
+class StepCost:
+    """Seconds a step takes, learnt online: decode ~ a + b * rows, prefill ~ c * tokens.
+    Exponentially weighted least squares, so it follows the machine's current speed."""
+
+    decay: float = 0.98
+    _n: float = 0.0
+    _x: float = 0.0
+    _y: float = 0.0
+    _xx: float = 0.0
+    _xy: float = 0.0
+    prefill_per_token: float = 0.0
+
+    def observe_decode(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self._n, self._x, self._y = d * self._n + 1, d * self._x + rows, d * self._y + seconds
+        self._xx, self._xy = d * self._xx + rows * rows, d * self._xy + rows * seconds
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        per_token = seconds / max(tokens, 1)
+        p = self.prefill_per_token
+        self.prefill_per_token = per_token if p == 0 else 0.9 * p + 0.1 * per_token
+
+    def decode_seconds(self, rows: int) -> float:
+        """Predicted seconds of a decode step of `rows` rows; 0 before any step was seen."""
+        if self._n == 0:
+            return 0.0
+        mean_x, mean_y = self._x / self._n, self._y / self._n
+        var = self._xx / self._n - mean_x**2
+        slope = max(0.0, (self._xy / self._n - mean_x * mean_y) / var) if var > 1e-9 else 0.0
+        if slope == 0.0:
+            return mean_y
+        return max(0.0, mean_y + slope * (rows - mean_x))
+
+
+def expected_steps(seq: Sequence) -> int:
+    if seq.forced is None and seq.stop_id is not None:
+        return min(seq.tokens_left, max(1, EXPECTED_TEXT_TOKENS - len(seq.generated)))
+    return seq.tokens_left
+
+
+@dataclass
+class Batch:
+    """One step's work: prompts to prefill (they now hold slots) and rows to decode."""
+
+    prefill: list[Sequence] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.prefill) + len(self.decode)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: SlotPool,
+        max_queue: int = 256,
+        prefill_budget: int = 1024,
+        reserved_slots: int | None = None,
+    ):
+        self.pool, self.max_queue, self.prefill_budget = pool, max_queue, prefill_budget
+        self.reserved_slots = pool.num_slots // 4 if reserved_slots is None else reserved_slots
+        self.queue: list[Request] = []  # requests with sequences not started, in admission order
+        self.active: list[Request] = []  # requests with at least one sequence started
+        self.cost = StepCost()
+
+    def has_work(self) -> bool:
+        return bool(self.queue or self.active)
+
+    def requests(self) -> list[Request]:
+        return list(dict.fromkeys(self.active + self.queue))
+
+    # -- admission (any thread, under the worker's lock) ------------------------------------
+
+    def admit(self, req: Request, now: float, checks: bool = True) -> None:
+        """Queue a request, or refuse it with a clear error before it costs anything
+        (`checks=False`: queue it regardless, for the second half of admitted work)."""
+        if checks and len(self.queue) >= self.max_queue:
+            retry = max(0.05, self.estimate_seconds(None))
+            raise FacertOverloaded(
+                f"the model is busy ({len(self.queue)} requests waiting); retry in about "
+                f"{retry:.1f} s",
+                retry_after=retry,
+            )
+        if checks and req.deadline is not None:
+            eta = self.estimate_seconds(req)
+            if now + eta > req.deadline:
+                raise DeadlineExceeded(
+                    f"this {req.task} request needs about {eta:.2f} s at the current load, "
+                    f"more than its deadline allows ({req.deadline - now:.2f} s)"
+                )
+        bisect.insort(self.queue, req, key=Request.sort_key)
+
+    def estimate_seconds(self, req: Request | None) -> float:
+        """Predicted seconds until `req` would finish if admitted now (None: until the queue
+        ahead of a new lowest-priority request has drained). Counts the decode work (row-steps)
+        of everything ahead of it, spread over the slots, its own rows' sequential steps, and
+        the prompts still to prefill."""
+        ahead = [r for r in self.requests() if req is None or r.sort_key() < req.sort_key()]
+        mine = [] if req is None else [req]
+        seqs = [s for r in ahead + mine for s in r.seqs if not s.done]
+        if not seqs:
+            return 0.0
+        work = sum(expected_steps(s) for s in seqs)
+        rows = min(self.pool.num_slots, len(seqs))
+        depth = max((expected_steps(s) for r in mine for s in r.seqs), default=0)
+        steps = max(depth, math.ceil(work / rows))
+        prompts = sum(len(s.prompt_ids) for r in ahead + mine for s in r.waiting)
+        return steps * self.cost.decode_seconds(rows) + prompts * self.cost.prefill_per_token
+
+    # -- the worker's side ------------------------------------------------------------------
+
+    def expired(self, now: float) -> list[Request]:
+        """Requests past their deadline or cancelled by their caller: dropped, slots freed."""
+        gone = [
+            r
+            for r in self.requests()
+            if r.future.cancelled() or (r.deadline is not None and now > r.deadline)
+        ]
+        for r in gone:
+            self.drop(r)
+        return gone
+
+    def schedule(self) -> Batch:
+        """Rows to decode (every started, unfinished sequence) and prompts to start: in
+        admission order, while slots and the prefill budget last."""
+        batch = Batch(decode=[s for r in self.active for s in r.seqs[: r.started] if not s.done])
+        budget = self.prefill_budget
+        for req in list(self.queue):
+            reserve = 0 if req.priority <= PRIORITY_ANALYSIS else self.reserved_slots
+            while req.waiting and self.pool.num_free > reserve:
+                seq = req.waiting[0]
+                if batch.prefill and len(seq.prompt_ids) > budget:
+                    return batch
+                seq.slot = self.pool.acquire()
+                req.started += 1
+                budget -= len(seq.prompt_ids)
+                batch.prefill.append(seq)
+                if req not in self.active:
+                    self.active.append(req)
+            if not req.waiting:
+                self.queue.remove(req)
+        return batch
+
+    def retire(self) -> list[Request]:
+        """Free the slots of finished sequences; returns the requests now complete."""
+        finished = []
+        for req in list(self.active):
+            for s in req.seqs[: req.started]:
+                if s.done and s.slot >= 0:
+                    self._release(s)
+            if req.done:
+                self.active.remove(req)
+                finished.append(req)
+        return finished
+
+    def drop(self, req: Request) -> None:
+        """Forget a request (cancelled, expired or failed), freeing every slot it holds."""
+        for s in req.seqs:
+            if s.slot >= 0:
+                self._release(s)
+        for queue in (self.queue, self.active):
+            if req in queue:
+                queue.remove(req)
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(seq.slot)
+        seq.slot = -1

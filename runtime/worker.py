@@ -1,0 +1,278 @@
+"""The one thread that owns the engine: it takes requests from any number of callers, runs
+steps (new prompts, then one decode step for every running row, whatever its task), and
+completes each caller's future.
+
+Callers never touch the engine. `submit` decides admission at once, on the caller's thread
+(a full queue or an impossible deadline is an error there and then); results are made
+(`Request.finish`, e.g. the VQGAN drawing the faces) on a second thread, so turning codes into
+pixels never holds up the next decode step. A backend error fails only the requests with rows
+in that step; if the thread itself dies, every waiting caller gets the error and later calls
+are refused with it, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from typing import Any
+
+from .engine import Engine
+from .errors import DeadlineExceeded, EngineFailure
+from .metrics import Metrics
+from .request import Request
+from .scheduler import Batch, Scheduler
+
+
+class Worker:
+    def __init__(self, engine: Engine, scheduler: Scheduler, metrics: Metrics):
+        self.engine, self.scheduler, self.metrics = engine, scheduler, metrics
+        self._cv = threading.Condition()
+        self._closing = False
+        self._finishing = 0  # results being made; each may still submit a continuation
+        self._failure: BaseException | None = None
+        self.last_step_at = time.monotonic()
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="facert-finish")
+        self._thread = threading.Thread(target=self._loop, name="facert-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: Request, continuation: bool = False) -> Future:
+        """Admit a request (or raise FacertOverloaded / DeadlineExceeded / EngineFailure).
+        A continuation (the scoring half of a best-of-N drawing) skips the admission checks:
+        its request was admitted already, and refusing it now would waste the work done."""
+        with self._cv:
+            if self._failure is not None:
+                raise EngineFailure(f"the engine thread stopped: {self._failure!r}")
+            if self._closing and not continuation:
+                raise EngineFailure("this model is closed")
+            try:
+                self.scheduler.admit(req, time.monotonic(), checks=not continuation)
+            except Exception as e:
+                self.metrics.count("rejected", type(e).__name__)
+                raise
+            self.metrics.count("requests", req.task)
+            self.metrics.set("queue_depth", len(self.scheduler.queue))
+            self._cv.notify()
+        return req.future
+
+    def health(self) -> dict[str, Any]:
+        """Alive, busy, and how long since the last step (a stuck step shows here)."""
+        with self._cv:
+            busy = self.scheduler.has_work()
+            waiting = len(self.scheduler.queue)
+        return {
+            "alive": self._thread.is_alive() and self._failure is None,
+            "busy": busy,
+            "waiting": waiting,
+            "seconds_since_step": time.monotonic() - self.last_step_at,
+            "failure": None if self._failure is None else repr(self._failure),
+        }
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop admitting, finish everything admitted, stop the threads."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self._finisher.shutdown(wait=True)
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self.scheduler.has_work() and not (
+                        self._closing and not self._finishing
+                    ):
+                        self._cv.wait()
+                    if not self.scheduler.has_work():
+                        return  # closing, and nothing left to run or finish
+                    now = time.monotonic()
+                    gone = self.scheduler.expired(now)
+                    batch = self.scheduler.schedule()
+                    self.metrics.set("queue_depth", len(self.scheduler.queue))
+                    self.metrics.set("slots_in_use", self.engine.pool.num_slots
+                                     - self.engine.pool.num_free)  # fmt: skip
+                for req in gone:
+                    self._fail_expired(req, now)
+                for req in self._owners({id(s) for s in batch.prefill}):
+                    if req.admitted_at is None:
+                        req.admitted_at = now
+                        self.metrics.observe("queue_wait_seconds", now - req.arrival, req.task)
+                if batch.rows:
+                    self._step(batch)
+                with self._cv:
+                    finished = self.scheduler.retire()
+                    self._finishing += len(finished)
+                for req in finished:
+                    self._finisher.submit(self._finish, req)
+        except BaseException as e:  # a bug in the loop itself: fail everyone, refuse new work
+            with self._cv:
+                self._failure = e
+                stranded = self.scheduler.requests()
+                for req in stranded:
+                    self.scheduler.drop(req)
+            for req in stranded:
+                _set_exception(req.future, EngineFailure(f"the engine thread stopped: {e!r}"))
+
+    def _step(self, batch: Batch) -> None:
+        """New prompts, then one decode step for every running row. A failure fails only the
+        requests with rows in the failing call."""
+        start = time.monotonic()
+        before = {id(s): len(s.generated) for s in batch.prefill + batch.decode}
+        with self.engine.exclusive():
+            if batch.prefill:
+                try:
+                    self.engine.prefill(batch.prefill)
+                except Exception as e:
+                    self._fail_rows(batch.prefill, e)
+                else:
+                    tokens = sum(len(s.prompt_ids) for s in batch.prefill)
+                    self.scheduler.cost.observe_prefill(tokens, time.monotonic() - start)
+            running = [s for s in batch.decode + batch.prefill if s.slot >= 0 and not s.done]
+            if running:
+                decode_start = time.monotonic()
+                try:
+                    self.engine.decode(running)
+                except Exception as e:
+                    self._fail_rows(running, e)
+                else:
+                    self.scheduler.cost.observe_decode(
+                        len(running), time.monotonic() - decode_start
+                    )
+        self.last_step_at = time.monotonic()
+        self.metrics.observe("step_seconds", self.last_step_at - start)
+        self.metrics.observe("rows_per_step", batch.rows)
+        self._report_tokens(batch, before)
+
+    def _report_tokens(self, batch: Batch, before: dict[int, int]) -> None:
+        """First-token times, token counts and streaming callbacks for the tokens this step
+        produced (a new row gets two: its prefill's and its first decode's); a callback that
+        raises fails its own request only."""
+        now = time.monotonic()
+        for req in self._owners(set(before)):
+            if req.first_token_at is None:
+                req.first_token_at = now
+                self.metrics.observe("time_to_first_token_seconds", now - req.arrival, req.task)
+            new = [
+                (i, token)
+                for i, s in enumerate(req.seqs)
+                if id(s) in before
+                for token in s.generated[before[id(s)] :]
+            ]
+            self.metrics.count("tokens", req.task, len(new))
+            if req.on_token is None:
+                continue
+            try:
+                for i, token in new:
+                    req.on_token(i, token)
+            except BaseException as e:
+                with self._cv:
+                    self.scheduler.drop(req)
+                _set_exception(req.future, e)
+
+    def _owners(self, rows: set[int]) -> list[Request]:
+        """The requests owning any of these sequences (by id)."""
+        with self._cv:
+            return [r for r in self.scheduler.requests() if any(id(s) in rows for s in r.seqs)]
+
+    def _fail_rows(self, rows: list, error: Exception) -> None:
+        failing = self._owners({id(s) for s in rows})
+        with self._cv:
+            for req in failing:
+                self.scheduler.drop(req)
+        self.metrics.count("failed", type(error).__name__)
+        for req in failing:
+            _set_exception(
+                req.future, EngineFailure(f"the backend failed while running this request: {error}")
+            )
+
+    def _fail_expired(self, req: Request, now: float) -> None:
+        if req.future.cancelled():
+            self.metrics.count("cancelled", "caller")
+            return
+        self.metrics.count("cancelled", "deadline")
+        late = now - req.deadline
+        _set_exception(
+            req.future,
+            DeadlineExceeded(f"this {req.task} request ran {late:.2f} s past its deadline"),
+        )
+
+    def _finish(self, req: Request) -> None:
+        """On the finisher thread: sequences -> the caller's result. Callbacks on the future
+        (e.g. submitting the scoring half of a best-of-N) run before this returns."""
+        try:
+            if not req.future.set_running_or_notify_cancel():
+                return
+            try:
+                result = req.finish(req.seqs)
+            except BaseException as e:
+                req.future.set_exception(e)
+                return
+            req.future.set_result(result)
+            self.metrics.observe("request_seconds", time.monotonic() - req.arrival, req.task)
+        finally:
+            with self._cv:
+                self._finishing -= 1
+                self._cv.notify()
+
+
+def _set_exception(future: Future, error: BaseException) -> None:
+    try:
+        future.set_exception(error)
+    except InvalidStateError:  # cancelled by its caller meanwhile
+        pass
+
+
+def then(future: Future, fn: Callable[[Any], Any]) -> Future:
+    """A future of fn(result): fn may return a value or another future to wait for. Cancelling
+    the returned future cancels whatever it is waiting for."""
+    out: Future = Future()
+    waiting_on = [future]
+
+    def on_cancel(f: Future) -> None:
+        if f.cancelled():
+            waiting_on[0].cancel()
+
+    def settle(f: Future) -> None:
+        if f.cancelled():
+            out.cancel()
+            return
+        if f.exception() is not None:
+            _set_exception(out, f.exception())
+            return
+        try:
+            value = fn(f.result())
+        except BaseException as e:
+            _set_exception(out, e)
+            return
+        if isinstance(value, Future):
+            waiting_on[0] = value
+            value.add_done_callback(lambda g: _forward(g, out))
+            if out.cancelled():
+                value.cancel()
+        else:
+            _set_result(out, value)
+
+    out.add_done_callback(on_cancel)
+    future.add_done_callback(settle)
+    return out
+
+
+def _forward(source: Future, out: Future) -> None:
+    if source.cancelled():
+        out.cancel()
+    elif source.exception() is not None:
+        _set_exception(out, source.exception())
+    else:
+        _set_result(out, source.result())
+
+
+def _set_result(future: Future, value: Any) -> None:
+    try:
+        future.set_result(value)
+    except InvalidStateError:
+        pass
