@@ -6,8 +6,9 @@ fused kernel (kernels/cpu/decode.cpp), the steps straight on these arrays: ONNX 
 matrix-vector products at batch 1 fall well short of memory bandwidth. Otherwise a decode step
 runs the lm_decode graph, binding each layer's rows in place (IO binding, no copies);
 GroupQueryAttention writes the new position straight into them. That needs the step's rows to
-be slots 0..B-1 in order; any other slot set is gathered into a temporary prefix (only the
-positions in use) and the new position scattered back.
+be cache rows 0..B-1, so this backend maps slots to cache rows and, when the running set
+changes, swaps a row that lies beyond B with one below it that no running row holds; the step
+then feeds its inputs in cache-row order.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ class OnnxRuntimeBackend:
         self.k_cache = np.zeros(shape, self.float_dtype)
         self.v_cache = np.zeros(shape, self.float_dtype)
         self._bindings: dict[tuple, _DecodeBinding] = {}
+        # Slot -> the cache row that holds it, and back. The fused kernel reads any rows; the
+        # lm_decode graph binds rows 0..B-1 in place, so for it a step's rows are moved there
+        # (swapped with rows no running sequence uses) when the running set changes.
+        self._row = np.arange(num_slots)
+        self._slot_at = np.arange(num_slots)
 
     def head(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
         """(N, C) hidden -> (N, hi-lo) float32 logits. With the fused decoder, its head kernel
@@ -141,9 +147,10 @@ class OnnxRuntimeBackend:
         batch_ids, batch_segs, lengths = pad_rows(ids, segs)
         T = batch_ids.shape[1]
         hidden, *present = self._prefill_run(batch_ids, batch_segs)  # (B, T, C), 2L x (B, H, T, D)
+        rows = self._row[slots]
         for layer in range(self.config.lm.n_layer):
-            self.k_cache[layer, slots, :, :T] = present[2 * layer]
-            self.v_cache[layer, slots, :, :T] = present[2 * layer + 1]
+            self.k_cache[layer, rows, :, :T] = present[2 * layer]
+            self.v_cache[layer, rows, :, :T] = present[2 * layer + 1]
         last = hidden[np.arange(len(ids)), lengths - 1]  # (B, C)
         return last.astype(np.float32)
 
@@ -156,26 +163,34 @@ class OnnxRuntimeBackend:
         return self._bindings[key]
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        B = len(slots)
         positions = np.asarray(positions, dtype=np.int64)
         if self.fused_decoder is not None:
-            return self.fused_decoder.step(self.k_cache, self.v_cache, slots, tokens, positions)
-        if np.array_equal(slots, np.arange(B)):
-            binding = self._binding(self.k_cache[:, :B], self.v_cache[:, :B])  # in place
-            hidden = binding.run(tokens, positions)
-        else:
-            used = int(positions.max()) + 1
-            k = np.ascontiguousarray(self.k_cache[:, slots, :, :used])  # (L, B, H, used, D)
-            v = np.ascontiguousarray(self.v_cache[:, slots, :, :used])
-            hidden = _DecodeBinding(self.sessions["lm_decode"], k, v, self.config).run(
-                tokens, positions
-            )
-            rows = np.arange(B)
-            self.k_cache[:, slots, :, positions] = k[:, rows, :, positions]
-            self.v_cache[:, slots, :, positions] = v[:, rows, :, positions]
-        return hidden.astype(np.float32)  # a copy: the binding reuses its buffer
+            rows = self._row[slots]
+            return self.fused_decoder.step(self.k_cache, self.v_cache, rows, tokens, positions)
+        rows = self._rows_at_front(np.asarray(slots))  # a permutation of 0..B-1
+        B = len(rows)
+        order = np.argsort(rows)  # the call's row that cache row p holds is order[p]
+        binding = self._binding(self.k_cache[:, :B], self.v_cache[:, :B])  # in place
+        hidden = binding.run(np.asarray(tokens)[order], positions[order])  # (B, C), cache order
+        return hidden[rows].astype(np.float32)  # call order; a copy: the binding reuses it
+
+    def _rows_at_front(self, slots: np.ndarray) -> np.ndarray:
+        """Cache rows of `slots`, after moving any at or past len(slots) into a row below it
+        that none of them holds (swapping whole rows, so the other slot keeps its contents)."""
+        B, rows = len(slots), self._row[slots]
+        free = sorted(set(range(B)) - set(rows.tolist()))
+        for i in np.nonzero(rows >= B)[0]:
+            src, dst = int(rows[i]), free.pop()
+            for cache in (self.k_cache, self.v_cache):
+                cache[:, [src, dst]] = cache[:, [dst, src]]
+            other = self._slot_at[dst]
+            self._row[slots[i]], self._row[other] = dst, src
+            self._slot_at[dst], self._slot_at[src] = slots[i], other
+            rows[i] = dst
+        return rows
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
+        src, dst = self._row[src], self._row[dst]
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
 
