@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
 from pathlib import Path
 
-from facert.runtime.errors import FacertError
+from facert.runtime.errors import FacertError, ImageError, InvalidArgument
 
 # the fused decode kernel beside ONNX Runtime's lm_decode graph, then int4 and torch
 DECODE_CONFIGS = (
@@ -75,7 +76,6 @@ def _load(args: argparse.Namespace):
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from facert.export.convert import convert
-    from facert.runtime.errors import InvalidArgument
 
     attributes = None
     if args.attributes is not None:
@@ -134,19 +134,78 @@ def cmd_caption(args: argparse.Namespace) -> None:
         print(f"{image}\t{text}")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _image_paths(items: list[str]) -> list[str]:
+    """Files as given; a folder -> its image files; a pattern the shell left alone -> matches."""
+    paths = []
+    for item in items:
+        if Path(item).is_dir():
+            found = sorted(str(f) for f in Path(item).iterdir()
+                           if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
+            if not found:
+                raise InvalidArgument(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {item}")
+            paths += found
+        elif not Path(item).exists() and glob.has_magic(item):
+            found = sorted(glob.glob(item))
+            if not found:
+                raise InvalidArgument(f"no file matches {item}")
+            paths += found
+        else:
+            paths.append(item)
+    return paths
+
+
+def _in_order(items: list, submit, in_flight: int):
+    """(item, result or FacertError) in input order, keeping up to `in_flight` requests
+    submitted at once so the scheduler batches them. A bad item is its own error; an error
+    that would hit every item (a bad argument) is raised at once."""
+    futures: dict[int, object] = {}
+    for i in range(len(items) + in_flight):
+        if i < len(items):
+            try:
+                futures[i] = submit(items[i])
+            except ImageError as e:
+                futures[i] = e
+        done = i - in_flight + 1
+        if 0 <= done < len(items):
+            outcome = futures.pop(done)
+            if not isinstance(outcome, FacertError):
+                try:
+                    outcome = outcome.result()
+                except FacertError as e:
+                    outcome = e
+            yield items[done], outcome
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
     m = _load(args)
     names = args.attributes or ",".join(m.config.attributes)
-    results = {
-        str(image): m.attributes(image, names, mode=args.mode, views=args.views)
-        for image in args.images
-    }
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    for image, answers in results.items():
-        for name, a in answers.items():
-            print(f"{image}\t{name}: {a['value']}\t(p={a['prob']:.3f})")
+    images = _image_paths(args.images)
+    failed = 0
+
+    def submit(image: str):
+        return m.submit("attributes", image, names, mode=args.mode, views=args.views)
+
+    with tqdm(total=len(images), unit="img", desc="analyzing", disable=len(images) < 2) as bar:
+        for image, outcome in _in_order(images, submit, 2 * m.engine.pool.num_slots):
+            bar.update()
+            if isinstance(outcome, FacertError):
+                failed += 1
+                if args.json:
+                    print(json.dumps({"image": image, "error": str(outcome)}), flush=True)
+                else:
+                    bar.write(f"facert: error: {image}: {outcome}", file=sys.stderr)
+            elif args.json:
+                print(json.dumps({"image": image, "attributes": outcome}), flush=True)
+            else:
+                for name, a in outcome.items():
+                    bar.write(f"{image}\t{name}: {a['value']}\t(p={a['prob']:.3f})")
+    if failed:
+        raise FacertError(f"{failed} of {len(images)} images could not be analyzed (above)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -329,13 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_caption)
 
-    p = sub.add_parser("analyze", help="answer attribute questions about faces")
-    p.add_argument("images", nargs="+")
+    p = sub.add_parser(
+        "analyze", help="answer attribute questions about faces (files, folders, patterns)"
+    )
+    p.add_argument("images", nargs="+", help="image files, folders of them, or glob patterns")
     _model_arg(p)
     p.add_argument("--attributes", help="comma-separated names (default: all the model knows)")
     p.add_argument("--mode", choices=["score", "generate"], default="score")
     _views_arg(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--json", action="store_true", help='JSON lines: {"image", "attributes" or "error"}'
+    )
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("export", help="export ONNX graphs (+ manifest) for ONNX Runtime")

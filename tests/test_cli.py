@@ -58,11 +58,37 @@ def test_generate_caption_analyze(tiny_model_dir, tmp_path, capsys):
     assert line.startswith(str(faces[0]) + "\t") and len(line.split("\t")[1]) > 0
     assert main(["analyze", str(faces[0]), "-m", m, "--attributes", "gender", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result[str(faces[0])]["gender"]["value"] in ("male", "female")
+    assert result["image"] == str(faces[0])
+    assert result["attributes"]["gender"]["value"] in ("male", "female")
     assert main(["analyze", str(faces[0]), "-m", m, "--attributes", "gender", "--views", "2",
                  "--json"]) == 0  # fmt: skip
-    two_views = json.loads(capsys.readouterr().out)[str(faces[0])]["gender"]
+    two_views = json.loads(capsys.readouterr().out)["attributes"]["gender"]
     assert two_views == facert.load(m).attributes(faces[0], "gender", views=2)["gender"]
+
+
+def test_analyze_a_folder_and_a_pattern_as_json_lines(tiny_model_dir, tmp_path, capsys):
+    """Many images go through the scheduler together; lines come out in input order, an
+    unreadable image is its own error line and the others are still answered."""
+    m = facert.load(tiny_model_dir, progress=False)
+    faces = m.generate_faces("a smiling woman", n=5, seed=4, candidates=1)
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i, face in enumerate(faces):
+        Image.fromarray(face).save(folder / f"face-{i}.png")
+    (folder / "face-9.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("skipped: not an image file")
+    argv = ["analyze", str(folder), "-m", str(tiny_model_dir), "--json", "--views", "2"]
+    assert main(argv) == 2  # one image could not be read
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == [
+        str(folder / f"face-{i}.png") for i in (0, 1, 2, 3, 4, 9)
+    ]
+    for face, line in zip(faces, lines):
+        assert line["attributes"] == m.attributes(face, "gender", views=2)
+    assert "cannot read image" in lines[-1]["error"]
+    pattern = str(folder / "face-[0-1].png")
+    assert main(["analyze", pattern, "-m", str(tiny_model_dir), "--json", "--views", "2"]) == 0
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == lines[:2]
 
 
 def test_errors_are_one_line_without_traceback(tiny_model_dir, tmp_path):
