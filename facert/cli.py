@@ -37,6 +37,18 @@ def _views_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _drawing_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p)
+    p.add_argument("-n", type=int, default=4, help="number of faces (default 4)")
+    p.add_argument("-o", "--output", default="faces", help="output directory (default ./faces)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=70)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    _candidates_arg(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="facert model directory (default: the bundled model)")
     p.add_argument(
@@ -102,29 +114,40 @@ def cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+                temperature=args.temperature, candidates=args.candidates)  # fmt: skip
+
+
+def _draw_and_save(args: argparse.Namespace, total: int, draw) -> None:
+    """Draw with a progress bar (draw(on_step) -> faces), then write face-I.png files. The
+    output folder is made first: a bad path fails before any drawing, not after."""
     from PIL import Image
     from tqdm import tqdm
 
-    m = _load(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    total = m.generation_steps(args.text, args.n, args.candidates)
-    with tqdm(total=total, unit="tok", desc="generating", disable=args.quiet) as bar:
-        faces = m.generate_faces(
-            args.text,
-            n=args.n,
-            seed=args.seed,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            candidates=args.candidates,
-            on_step=bar.update,
-        )
+    with tqdm(total=total, unit="tok", desc="drawing", disable=args.quiet) as bar:
+        faces = draw(bar.update)
     for i, face in enumerate(faces):
         path = out / f"face-{i}.png"
         Image.fromarray(face).save(path)
         print(path)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    m = _load(args)
+    total = m.generation_steps(args.text, args.n, args.candidates)
+    _draw_and_save(args, total, lambda on_step: m.generate_faces(
+        args.text, n=args.n, on_step=on_step, **_sampling(args)))  # fmt: skip
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    m = _load(args)
+    total = m.generation_steps(args.text, args.n, args.candidates, args.keep_rows)
+    _draw_and_save(args, total, lambda on_step: m.edit_face(
+        args.image, args.text, args.keep_rows, n=args.n, on_step=on_step,
+        **_sampling(args)))  # fmt: skip
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -370,16 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="draw faces from a description")
     p.add_argument("text")
-    _model_arg(p)
-    p.add_argument("-n", type=int, default=4, help="number of faces (default 4)")
-    p.add_argument("-o", "--output", default="faces", help="output directory (default ./faces)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--top-k", type=int, default=70)
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    _candidates_arg(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _drawing_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("edit", help="redraw a face from a new description, keeping its top rows")
+    p.add_argument("image", help="the face to edit")
+    p.add_argument("text", help="the new description")
+    p.add_argument(
+        "--keep-rows",
+        type=int,
+        required=True,
+        help="rows of image codes kept from the top of the face (the model's grid side is "
+        "the most; e.g. half of it keeps the upper face and redraws the mouth and chin)",
+    )
+    _drawing_args(p)
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("caption", help="describe faces in words")
     p.add_argument("images", nargs="+")

@@ -53,6 +53,8 @@ class Engine:
 
     def prefill(self, seqs: list[Sequence]) -> None:
         """Run the prompts of sequences that hold slots; each gets its first token."""
+        if not seqs:
+            return
         start = time.perf_counter()
         by_length: dict[int, list[Sequence]] = defaultdict(list)
         for s in seqs:
@@ -69,6 +71,8 @@ class Engine:
 
     def decode(self, seqs: list[Sequence]) -> None:
         """One token for each running sequence, whatever its task."""
+        if not seqs:
+            return
         start = time.perf_counter()
         hidden = self.backend.decode(
             np.array([s.slot for s in seqs]),

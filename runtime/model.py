@@ -39,6 +39,25 @@ from .tokenizer import WordPieceTokenizer
 from .worker import Worker, then
 
 DEFAULT_SLOTS = 16
+TASKS = ("generate_faces", "edit_face", "caption", "attributes")
+
+
+def _task(submit: Callable[..., Future]) -> Callable[..., Any]:
+    """A task method. Its body checks the arguments, builds the request and returns a Future of
+    the result (the form `FaceModel.submit` and the awaitables use); calling the method blocks
+    for that result, and an interrupt (Ctrl-C) while waiting cancels the request."""
+
+    @functools.wraps(submit)
+    def blocking(self: FaceModel, *args: Any, **kwargs: Any) -> Any:
+        future = submit(self, *args, **kwargs)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    blocking.submit = submit
+    return blocking
 
 
 class ImageTokenizer:
@@ -141,23 +160,22 @@ class FaceModel:
         return self._worker.health()
 
     def submit(self, task: str, *args: Any, **kwargs: Any) -> Future:
-        """Start `task` ("generate_faces", "caption" or "attributes", with that method's
+        """Start `task` ("generate_faces", "edit_face", "caption" or "attributes", with its
         arguments) and return a concurrent.futures.Future of its result at once. Bad arguments
         and an unreadable image raise here; a full queue raises FacertOverloaded and a deadline
         the model cannot meet DeadlineExceeded. Cancelling the future frees the request's
         cache slots within one step."""
-        submitters = {
-            "generate_faces": self._submit_generate_faces,
-            "caption": self._submit_caption,
-            "attributes": self._submit_attributes,
-        }
-        if task not in submitters:
-            raise InvalidArgument(f"task must be one of {', '.join(submitters)}, not {task!r}")
-        return submitters[task](*args, **kwargs)
+        if task not in TASKS:
+            raise InvalidArgument(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+        return getattr(FaceModel, task).submit(self, *args, **kwargs)
 
     async def agenerate_faces(self, *args: Any, **kwargs: Any) -> list[np.ndarray]:
         """Awaitable generate_faces (same arguments); cancelling the task cancels the request."""
         return await _awaited(functools.partial(self.submit, "generate_faces", *args, **kwargs))
+
+    async def aedit_face(self, *args: Any, **kwargs: Any) -> list[np.ndarray]:
+        """Awaitable edit_face (same arguments)."""
+        return await _awaited(functools.partial(self.submit, "edit_face", *args, **kwargs))
 
     async def acaption(self, *args: Any, **kwargs: Any) -> str:
         """Awaitable caption (same arguments)."""
@@ -193,6 +211,7 @@ class FaceModel:
             raise InvalidArgument(f"ids must lie in [0, {lm.vocab_size}) and segs in {{0, 1, 2}}")
         return self.backend.forward_logits(ids, segs)
 
+    @_task
     def generate_faces(
         self,
         text: str,
@@ -218,15 +237,21 @@ class FaceModel:
         `priority`: lower runs first (default: after analysis requests); `deadline_s`: seconds
         from now by which the faces are due (refused at once if impossible, cancelled if
         overrun)."""
-        return _wait(self.submit(
-            "generate_faces", text, n=n, seed=seed, top_k=top_k, top_p=top_p,
-            temperature=temperature, candidates=candidates, on_step=on_step, priority=priority,
-            deadline_s=deadline_s,
-        ))  # fmt: skip
+        text = check_text(text, "text", self.limits.max_text_chars)
+        n = check_limit(n, "n", self.limits.max_faces, "max_faces")
+        candidates = self._candidates(candidates)
+        params = _params(seed, top_k, top_p, temperature)
+        if on_step is not None and not callable(on_step):
+            raise InvalidArgument("on_step must be a callable or None")
+        priority, deadline = _policy(priority, deadline_s, PRIORITY_GENERATION)
+        return self._draw(text, n, candidates, params, on_step, priority, deadline)
 
-    def _submit_generate_faces(
+    @_task
+    def edit_face(
         self,
+        image: ImageLike,
         text: str,
+        keep_rows: int,
         n: int = 1,
         seed: int | None = None,
         top_k: int = 70,
@@ -236,16 +261,38 @@ class FaceModel:
         on_step: Callable[[int], None] | None = None,
         priority: int | None = None,
         deadline_s: float | None = None,
-    ) -> Future:
+    ) -> list[np.ndarray]:
+        """Redraw a face from a new text, keeping its first `keep_rows` rows of codes (GPTFace's
+        editing: keep the upper face, draw a new expression below it) -> n uint8 [H, W, 3].
+        The kept codes follow the drawing prompt as if the model had drawn them; the other
+        arguments are generate_faces's, best of `candidates` included."""
         text = check_text(text, "text", self.limits.max_text_chars)
+        side = self.config.vqgan.latent_size
+        keep_rows = check_int(keep_rows, "keep_rows", 0, side - 1)
         n = check_limit(n, "n", self.limits.max_faces, "max_faces")
         candidates = self._candidates(candidates)
         params = _params(seed, top_k, top_p, temperature)
         if on_step is not None and not callable(on_step):
             raise InvalidArgument("on_step must be a callable or None")
         priority, deadline = _policy(priority, deadline_s, PRIORITY_GENERATION)
+        kept = self.image_tokenizer.encode([image])[0][: keep_rows * side]  # (keep_rows * side,)
+        return self._draw(text, n, candidates, params, on_step, priority, deadline, kept)
+
+    def _draw(
+        self,
+        text: str,
+        n: int,
+        candidates: int,
+        params: SamplingParams,
+        on_step: Callable[[int], None] | None,
+        priority: int,
+        deadline: float | None,
+        kept: np.ndarray | None = None,
+    ) -> Future:
+        """n faces, each the best of `candidates` drawings (candidate k of face i samples with
+        Philox stream i * candidates + k, so face i of a seed is the same whatever n is)."""
         drawings = [
-            self.templates.to_image(text, params, stream=i * candidates + k)
+            self.templates.to_image(text, params, stream=i * candidates + k, kept=kept)
             for i in range(n)
             for k in range(candidates)
         ]
@@ -275,24 +322,30 @@ class FaceModel:
             for s in drawings
         ]
 
-    def generation_steps(self, text: str, n: int = 1, candidates: int | None = None) -> int:
-        """Tokens generate_faces(text, n, candidates=...) reports to on_step: a progress total."""
+    def generation_steps(
+        self, text: str, n: int = 1, candidates: int | None = None, keep_rows: int = 0
+    ) -> int:
+        """Tokens generate_faces(text, n, candidates=...) (or edit_face with keep_rows) reports
+        to on_step: a progress total."""
         text = check_text(text, "text", self.limits.max_text_chars)
         n = check_limit(n, "n", self.limits.max_faces, "max_faces")
         candidates = self._candidates(candidates)
-        n_codes = self.config.vqgan.num_codes_per_image
+        side = self.config.vqgan.latent_size
+        n_codes = side * side
+        drawn = n_codes - side * check_int(keep_rows, "keep_rows", 0, side - 1)
         if candidates == 1:
-            return n * n_codes
+            return n * drawn
         t = self.templates
         words = t.described_words(t.to_image(text, GREEDY, 0))
         scored = len(t.to_description_score(np.zeros(n_codes, np.int64), words).forced)
-        return n * candidates * (n_codes + scored)
+        return n * candidates * (drawn + scored)
 
     def _candidates(self, candidates: int | None) -> int:
         if candidates is None:
             return self.config.image_candidates
         return check_limit(candidates, "candidates", self.limits.max_candidates, "max_candidates")
 
+    @_task
     def caption(
         self,
         image: ImageLike,
@@ -305,22 +358,6 @@ class FaceModel:
         deadline_s: float | None = None,
     ) -> str:
         """Describe a face in words."""
-        return _wait(self.submit(
-            "caption", image, seed=seed, greedy=greedy, top_k=top_k, top_p=top_p,
-            temperature=temperature, priority=priority, deadline_s=deadline_s,
-        ))  # fmt: skip
-
-    def _submit_caption(
-        self,
-        image: ImageLike,
-        seed: int | None = None,
-        greedy: bool = True,
-        top_k: int = 70,
-        top_p: float = 0.0,
-        temperature: float = 1.0,
-        priority: int | None = None,
-        deadline_s: float | None = None,
-    ) -> Future:
         if not isinstance(greedy, bool):
             raise InvalidArgument(f"greedy must be True or False, got {greedy!r}")
         params = GREEDY if greedy else _params(seed, top_k, top_p, temperature)
@@ -330,6 +367,7 @@ class FaceModel:
             "caption", [seq], lambda seqs: self.templates.text_of(seqs[0]), priority, deadline
         )
 
+    @_task
     def attributes(
         self,
         image: ImageLike,
@@ -349,20 +387,6 @@ class FaceModel:
         generate: greedy free text; "prob" is the probability of the generated answer.
         Every question about the face is one request, its rows decoded together.
         """
-        return _wait(self.submit(
-            "attributes", image, names, mode=mode, views=views, priority=priority,
-            deadline_s=deadline_s,
-        ))  # fmt: skip
-
-    def _submit_attributes(
-        self,
-        image: ImageLike,
-        names: str | Iterable[str],
-        mode: str = "score",
-        views: int | None = None,
-        priority: int | None = None,
-        deadline_s: float | None = None,
-    ) -> Future:
         names = self._names(names)
         if mode not in ("score", "generate"):
             raise InvalidArgument(f"mode must be 'score' or 'generate', not {mode!r}")
@@ -474,16 +498,6 @@ def _policy(priority: Any, deadline_s: Any, default_priority: int) -> tuple[int,
     if deadline_s is None:
         return priority, None
     return priority, time.monotonic() + check_float(deadline_s, "deadline_s", 0.0)
-
-
-def _wait(future: Future) -> Any:
-    """The blocking forms: wait for a request; an interrupt (Ctrl-C) cancels it, which frees
-    its cache slots."""
-    try:
-        return future.result()
-    except BaseException:
-        future.cancel()
-        raise
 
 
 async def _awaited(submit: Callable[[], Future]) -> Any:

@@ -41,7 +41,16 @@ class Templates:
             raise InvalidArgument(f"a prompt of {prompt_len} ids leaves no room to generate")
         return room
 
-    def to_image(self, text: str, params: SamplingParams, stream: int) -> Sequence:
+    def to_image(
+        self,
+        text: str,
+        params: SamplingParams,
+        stream: int,
+        kept: np.ndarray | None = None,
+    ) -> Sequence:
+        """Draw a face's codes from a text. With `kept` codes (an edit: the first rows of an
+        existing face), they follow the prompt in segment 2, exactly as if the model had drawn
+        them itself, and only the rest of the face is drawn."""
         if not text or not text.strip():
             raise InvalidArgument("the text to draw a face from is empty")
         words = self.tokenizer.encode(text)
@@ -51,21 +60,25 @@ class Templates:
         n_codes = self.config.vqgan.num_codes_per_image
         if self._room(len(ids)) < n_codes:
             raise FacertError(f"the model's sequence length cannot hold {n_codes} image codes")
+        kept_ids = [] if kept is None else [int(c) + self.config.lm.text_vocab_size for c in kept]
         return Sequence(
-            prompt_ids=np.array(ids, dtype=np.int64),
-            prompt_segs=np.ones(len(ids), dtype=np.int64),
+            prompt_ids=np.array(ids + kept_ids, dtype=np.int64),
+            prompt_segs=np.array([1] * len(ids) + [2] * len(kept_ids), dtype=np.int64),
             window=self.image_window,
-            max_new_tokens=n_codes,
+            max_new_tokens=n_codes - len(kept_ids),
             params=params,
             stream=stream,
         )
 
     def codes_of(self, seq: Sequence) -> np.ndarray:
-        return np.array(seq.generated, dtype=np.int64) - self.config.lm.text_vocab_size
+        """A drawing's image codes: any kept in its prompt (segment 2), then those drawn."""
+        kept = seq.prompt_ids[seq.prompt_segs == 2]
+        return np.array([*kept, *seq.generated], dtype=np.int64) - self.config.lm.text_vocab_size
 
     def described_words(self, drawing: Sequence) -> list[int]:
         """The text ids a to_image sequence drew from, with its [SEP] unless the text was cut."""
-        return [int(i) for i in drawing.prompt_ids[len(self._head("to_image")) :]]
+        text = drawing.prompt_segs == 1
+        return [int(i) for i in drawing.prompt_ids[text][len(self._head("to_image")) :]]
 
     def to_description_score(self, codes: np.ndarray, words: list[int]) -> Sequence:
         """How well a face matches a text: the caption template on the face's codes,
