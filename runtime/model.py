@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import queue
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -356,16 +357,38 @@ class FaceModel:
         temperature: float = 1.0,
         priority: int | None = None,
         deadline_s: float | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> str:
-        """Describe a face in words."""
+        """Describe a face in words. `on_text(caption so far)` is called after every token
+        (from the engine thread), to show the caption as it is written; see stream_caption."""
         if not isinstance(greedy, bool):
             raise InvalidArgument(f"greedy must be True or False, got {greedy!r}")
+        if on_text is not None and not callable(on_text):
+            raise InvalidArgument("on_text must be a callable or None")
         params = GREEDY if greedy else _params(seed, top_k, top_p, temperature)
         priority, deadline = _policy(priority, deadline_s, PRIORITY_ANALYSIS)
         seq = self.templates.to_caption(self.image_tokenizer.encode([image])[0], params)
-        return self._request(
-            "caption", [seq], lambda seqs: self.templates.text_of(seqs[0]), priority, deadline
-        )
+        text_of = self.templates.text_of
+        on_token = None if on_text is None else (lambda _index, _token: on_text(text_of(seq)))
+        req = Request("caption", [seq], lambda seqs: text_of(seqs[0]), priority=priority,
+                      deadline=deadline, on_token=on_token)  # fmt: skip
+        return self._worker.submit(req)
+
+    def stream_caption(self, image: ImageLike, **options: Any) -> Iterator[str]:
+        """Caption a face, yielding the caption so far each time a token changes it (the last
+        item is caption(image, **options)). Closing the generator early cancels the request."""
+        texts: queue.SimpleQueue = queue.SimpleQueue()
+        future = self.submit("caption", image, on_text=texts.put, **options)
+        future.add_done_callback(lambda _: texts.put(None))
+        shown = None
+        try:
+            while (text := texts.get()) is not None:
+                if text != shown:  # a token may add no text (the closing [SEP], say)
+                    yield text
+                    shown = text
+            future.result()  # the request's error, if it failed
+        finally:
+            future.cancel()
 
     @_task
     def attributes(

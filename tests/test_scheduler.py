@@ -267,3 +267,19 @@ def test_submit_refuses_an_unknown_task(tiny_model_dir):
     with pytest.raises(InvalidArgument, match="task must be one of"):
         m.submit("draw", TEXT)
     assert isinstance(m.submit("caption", np.zeros((8, 8, 3), np.uint8)), Future)
+
+
+def test_a_caption_streams_as_it_is_written(tiny_model_dir):
+    m = _load(tiny_model_dir)
+    face = m.generate_faces("a face", n=1, seed=3, candidates=1)[0]
+    drawing = m.submit("generate_faces", TEXT, n=1, seed=0, candidates=2)  # alongside
+    texts = list(m.stream_caption(face, greedy=False, seed=4))
+    assert texts[-1] == m.caption(face, greedy=False, seed=4)
+    assert len(texts) > 1 and len(set(texts)) == len(texts)
+    words = [t.split() for t in texts]
+    assert all(a == b[: len(a)] or a[:-1] == b[: len(a) - 1] for a, b in zip(words, words[1:]))
+    unfinished = m.stream_caption(face)
+    next(unfinished)
+    unfinished.close()  # stops early: the request is cancelled
+    assert len(drawing.result(timeout=60)) == 1
+    assert _pool_free(m)
