@@ -238,14 +238,9 @@ class FaceModel:
         `priority`: lower runs first (default: after analysis requests); `deadline_s`: seconds
         from now by which the faces are due (refused at once if impossible, cancelled if
         overrun)."""
-        text = check_text(text, "text", self.limits.max_text_chars)
-        n = check_limit(n, "n", self.limits.max_faces, "max_faces")
-        candidates = self._candidates(candidates)
-        params = _params(seed, top_k, top_p, temperature)
-        if on_step is not None and not callable(on_step):
-            raise InvalidArgument("on_step must be a callable or None")
-        priority, deadline = _policy(priority, deadline_s, PRIORITY_GENERATION)
-        return self._draw(text, n, candidates, params, on_step, priority, deadline)
+        return self._draw(
+            text, n, seed, top_k, top_p, temperature, candidates, on_step, priority, deadline_s
+        )
 
     @_task
     def edit_face(
@@ -267,31 +262,37 @@ class FaceModel:
         editing: keep the upper face, draw a new expression below it) -> n uint8 [H, W, 3].
         The kept codes follow the drawing prompt as if the model had drawn them; the other
         arguments are generate_faces's, best of `candidates` included."""
-        text = check_text(text, "text", self.limits.max_text_chars)
         side = self.config.vqgan.latent_size
         keep_rows = check_int(keep_rows, "keep_rows", 0, side - 1)
+        kept = self.image_tokenizer.encode([image])[0][: keep_rows * side]  # (keep_rows * side,)
+        return self._draw(
+            text, n, seed, top_k, top_p, temperature, candidates, on_step, priority, deadline_s,
+            kept,
+        )  # fmt: skip
+
+    def _draw(
+        self,
+        text: str,
+        n: int,
+        seed: int | None,
+        top_k: int,
+        top_p: float,
+        temperature: float,
+        candidates: int | None,
+        on_step: Callable[[int], None] | None,
+        priority: int | None,
+        deadline_s: float | None,
+        kept: np.ndarray | None = None,
+    ) -> Future:
+        """n faces, each the best of `candidates` drawings (candidate k of face i samples with
+        Philox stream i * candidates + k, so face i of a seed is the same whatever n is)."""
+        text = check_text(text, "text", self.limits.max_text_chars)
         n = check_limit(n, "n", self.limits.max_faces, "max_faces")
         candidates = self._candidates(candidates)
         params = _params(seed, top_k, top_p, temperature)
         if on_step is not None and not callable(on_step):
             raise InvalidArgument("on_step must be a callable or None")
         priority, deadline = _policy(priority, deadline_s, PRIORITY_GENERATION)
-        kept = self.image_tokenizer.encode([image])[0][: keep_rows * side]  # (keep_rows * side,)
-        return self._draw(text, n, candidates, params, on_step, priority, deadline, kept)
-
-    def _draw(
-        self,
-        text: str,
-        n: int,
-        candidates: int,
-        params: SamplingParams,
-        on_step: Callable[[int], None] | None,
-        priority: int,
-        deadline: float | None,
-        kept: np.ndarray | None = None,
-    ) -> Future:
-        """n faces, each the best of `candidates` drawings (candidate k of face i samples with
-        Philox stream i * candidates + k, so face i of a seed is the same whatever n is)."""
         drawings = [
             self.templates.to_image(text, params, stream=i * candidates + k, kept=kept)
             for i in range(n)
