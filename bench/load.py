@@ -3,8 +3,9 @@ loop around FaceModel (`server.py`): throughput, latency p50/p99, and goodput un
 
 Rates are multiples of the one-at-a-time capacity (1 / the mix's mean solo latency, measured
 first), so "1.0" means as many requests as the server could finish unbatched. Each task's
-deadline is a multiple of its solo latency. Two policies share each stream: `fifo-batch` (what
-has arrived, batched as server.py says) and `one-at-a-time`.
+deadline is a multiple of its solo latency. Three policies share each stream: `scheduler` (the
+model's own, fed in real time through FaceModel.submit with each deadline: scheduled.py),
+`fifo-batch` (what has arrived, batched as server.py says) and `one-at-a-time`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from . import scheduled
 from .contestants import Facert
 from .models import BenchModel
 from .report import machine_line, table
@@ -19,7 +21,7 @@ from .server import Request, Server, poisson_stream
 from .timing import summary_ms
 
 MIX = {"to_image": 1 / 3, "to_caption": 1 / 3, "to_attributes": 1 / 3}
-POLICIES = {"fifo-batch": None, "one-at-a-time": 1}
+POLICIES = {"scheduler": 0, "fifo-batch": None, "one-at-a-time": 1}  # -> max requests a batch
 
 
 def _solo(server: Server, tasks: list[str]) -> dict[str, float]:
@@ -47,7 +49,7 @@ def _stats(reqs: list[Request], deadlines: dict[str, float], batches: list[int])
 def run(
     model: BenchModel,
     configs: list[tuple[str, str]],
-    rates: list[float] = (0.5, 1.0, 2.0),
+    rates: list[float] = (0.5, 1.0, 2.0, 4.0),
     requests: int = 16,
     deadline: float = 3.0,
     threads: int | None = None,
@@ -70,11 +72,14 @@ def run(
             for policy, max_requests in POLICIES.items():
                 bar.set_postfix_str(f"{policy} at {factor}x")
                 stream = poisson_stream(factor * capacity, requests, mix, seed=int(factor * 1000))
-                server = Server(f.model, max_requests or requests, attribute)
-                server.serve(stream)
+                if policy == "scheduler":
+                    stats = scheduled.serve(f.model, stream, deadlines, attribute)
+                else:
+                    server = Server(f.model, max_requests or requests, attribute)
+                    server.serve(stream)
+                    stats = _stats(stream, deadlines, server.batches)
                 rows.append({"policy": policy, "rate_factor": factor,
-                             "offered_rps": factor * capacity,
-                             **_stats(stream, deadlines, server.batches)})  # fmt: skip
+                             "offered_rps": factor * capacity, **stats})  # fmt: skip
                 bar.update()
         bar.close()
         out.append({"contestant": f.name, "solo_s": solo, "capacity_rps": capacity,
@@ -88,18 +93,25 @@ def markdown(result: dict) -> str:
         "### load: Poisson arrivals of a mixed task stream\n",
         machine_line(result["machine"]),
         "",
-        "FIFO server loop around FaceModel (virtual clock, real service times); rates are "
-        "multiples of the one-at-a-time capacity; goodput counts requests that finished within "
-        "their deadline (a multiple of the task's solo latency) per second.",
+        "`scheduler`: the model's scheduler, requests submitted in real time with their "
+        "deadlines (it may refuse them at once, or cancel one that overruns); `fifo-batch` and "
+        "`one-at-a-time`: a FIFO server loop around FaceModel (virtual clock, real service "
+        "times). Rates are multiples of the one-at-a-time capacity; goodput counts requests "
+        "that finished within their deadline (a multiple of the task's solo latency) per "
+        "second; met is over all requests, admitted met over those the scheduler admitted.",
     ]
     head = ["policy", "rate ×", "offered req/s", "throughput req/s", "p50 ms", "p99 ms",
-            "goodput req/s", "met", "mean batch"]  # fmt: skip
+            "goodput req/s", "met", "admitted met", "refused", "refusal ms (max)",
+            "mean batch"]  # fmt: skip
     for m in result["models"]:
         for c in m["configs"]:
             solo = ", ".join(f"{t} {s:.2f} s" for t, s in c["solo_s"].items())
             body = [[r["policy"], r["rate_factor"], r["offered_rps"], r["throughput_rps"],
                      r["p50_ms"], r["p99_ms"], r["goodput_rps"], f"{r['met']:.0%}",
-                     r["mean_batch"]] for r in c["rows"]]  # fmt: skip
+                     f"{r['admitted_met']:.0%}" if "admitted_met" in r else "-",
+                     f"{r['refused']:.0%}" if "refused" in r else "-",
+                     r.get("refusal_ms_max", "-"), r["mean_batch"]]
+                    for r in c["rows"]]  # fmt: skip
             lines += [
                 f"\n#### model {m['model']}, {c['contestant']}: {m['requests']} requests per "
                 f"rate, mix {', '.join(c['mix'])} equally; solo {solo}; deadline "

@@ -60,8 +60,8 @@ def add_scenarios(bench: argparse._SubParsersAction, handler) -> None:
     p.add_argument(
         "--rates",
         type=_numbers(float),
-        default=[0.5, 1.0, 2.0],
-        help="arrival rates as multiples of the one-at-a-time capacity (default 0.5,1,2)",
+        default=[0.5, 1.0, 2.0, 4.0],
+        help="arrival rates as multiples of the one-at-a-time capacity (default 0.5,1,2,4)",
     )
     p.add_argument("--requests", type=int, default=16, help="requests per rate (default 16)")
     p.add_argument(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends.base import Backend
-from .kv_cache import SlotPool
+from .kv_cache import PrefixCache, SlotPool
 from .sampler import next_tokens
 from .sequence import Sequence
 
@@ -31,14 +31,19 @@ class StepEvent:
 
     kind: str  # "prefill" or "decode"
     rows: int
-    tokens: int  # prompt tokens run (prefill) or tokens produced (decode)
+    tokens: int  # prompt tokens computed (prefill; a cached prefix costs none) or produced
     seconds: float
 
 
 class Engine:
-    def __init__(self, backend: Backend, num_slots: int, max_len: int):
+    def __init__(
+        self, backend: Backend, num_slots: int, max_len: int, prefix_slots: int | None = None
+    ):
+        """prefix_slots: slots the prefix cache may keep (default: an eighth of them)."""
         self.backend = backend
         self.pool = SlotPool(num_slots, max_len)
+        self.prefixes = PrefixCache(self.pool, num_slots // 8 if prefix_slots is None
+                                    else prefix_slots)  # fmt: skip
         backend.allocate(num_slots, max_len)
         self._lock = threading.Lock()
         # Called after every prefill and decode call with a StepEvent; observers must not
@@ -51,14 +56,23 @@ class Engine:
         with self._lock:
             yield
 
+    @property
+    def idle(self) -> bool:
+        """No sequence holds a slot (the prefix cache may keep some)."""
+        return self.pool.num_free + len(self.prefixes) == self.pool.num_slots
+
     def prefill(self, seqs: list[Sequence]) -> None:
         """Run the prompts of sequences that hold slots; each gets its first token."""
         if not seqs:
             return
         start = time.perf_counter()
         by_length: dict[int, list[Sequence]] = defaultdict(list)
+        by_prefix: dict[bytes, list[Sequence]] = defaultdict(list)
         for s in seqs:
-            by_length[len(s.prompt_ids)].append(s)
+            if s.shared_prefix:
+                by_prefix[s.prompt_ids[: s.shared_prefix].tobytes()].append(s)
+            else:
+                by_length[len(s.prompt_ids)].append(s)
         for group in by_length.values():
             hidden = self.backend.prefill(
                 np.array([s.slot for s in group]),
@@ -66,8 +80,48 @@ class Engine:
                 [s.prompt_segs for s in group],
             )  # (B, C)
             self._sample(group, hidden)
-        tokens = sum(len(s.prompt_ids) for s in seqs)
+        tokens = sum(len(s.prompt_ids) for group in by_length.values() for s in group)
+        for group in by_prefix.values():
+            tokens += self._branch(group)
         self._report(StepEvent("prefill", len(seqs), tokens, time.perf_counter() - start))
+
+    def _branch(self, group: list[Sequence]) -> int:
+        """Sequences whose prompts start with one shared prefix: the prefix is prefilled once
+        (or found in the prefix cache) and its cached positions copied into every row's slot;
+        each row's own rest of the prompt (segment 2, e.g. "gender :") is then fed one token
+        per decode step, which is what prefilling it would compute. Returns the prompt tokens
+        computed."""
+        first = group[0]
+        n = first.shared_prefix
+        ids, segs = first.prompt_ids[:n], first.prompt_segs[:n]
+        if any((s.prompt_segs[n:] != 2).any() for s in group):
+            raise ValueError("only segment-2 ids may follow a shared prefix")
+        cached = self.prefixes.get(ids)
+        tokens = sum(len(s.prompt_ids) - n for s in group)
+        if cached is None:
+            tokens += n
+            keep = self.prefixes.reserve()
+            src = first.slot if keep is None else keep
+            hidden = self.backend.prefill(np.array([src]), [ids], [segs])[0]  # (C,)
+            if keep is not None:
+                self.prefixes.put(ids, keep, hidden)
+        else:
+            src, hidden = cached.slot, cached.hidden
+        for s in group:
+            if s.slot != src:
+                self.backend.copy_slot(src, s.slot, n)
+        last = [hidden] * len(group)  # each row's hidden state at its last prompt position
+        for pos in range(n, max(len(s.prompt_ids) for s in group)):
+            rows = [r for r, s in enumerate(group) if len(s.prompt_ids) > pos]
+            h = self.backend.decode(
+                np.array([group[r].slot for r in rows]),
+                np.array([group[r].prompt_ids[pos] for r in rows]),
+                np.full(len(rows), pos),
+            )  # (B, C)
+            for r, row in zip(rows, h):
+                last[r] = row
+        self._sample(group, np.stack(last))
+        return tokens
 
     def decode(self, seqs: list[Sequence]) -> None:
         """One token for each running sequence, whatever its task."""
@@ -109,7 +163,7 @@ class Engine:
                 batch = seqs[start : start + self.pool.num_slots]
                 try:
                     for s in batch:
-                        s.slot = self.pool.acquire()
+                        s.slot = self.prefixes.acquire()
                     self.prefill(batch)
                     while True:
                         if on_step:

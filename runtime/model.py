@@ -136,7 +136,7 @@ class FaceModel:
         self.engine = Engine(self.backend, num_slots, max_len)
         self.metrics = Metrics()
         self.scheduler = Scheduler(
-            self.engine.pool,
+            self.engine.prefixes,
             max_queue=check_int(max_queue, "max_queue", lo=1),
             prefill_budget=check_int(prefill_budget, "prefill_budget", lo=1),
         )

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import DeadlineExceeded, FacertOverloaded
-from .kv_cache import SlotPool
+from .kv_cache import PrefixCache
 from .request import PRIORITY_ANALYSIS, Request
 from .sequence import Sequence
 
@@ -84,13 +84,16 @@ class Batch:
 class Scheduler:
     def __init__(
         self,
-        pool: SlotPool,
+        prefixes: PrefixCache,
         max_queue: int = 256,
         prefill_budget: int = 1024,
         reserved_slots: int | None = None,
     ):
-        self.pool, self.max_queue, self.prefill_budget = pool, max_queue, prefill_budget
-        self.reserved_slots = pool.num_slots // 4 if reserved_slots is None else reserved_slots
+        """prefixes: the engine's prefix cache, whose slots the scheduler takes back when a
+        sequence needs one."""
+        self.prefixes, self.pool = prefixes, prefixes.pool
+        self.max_queue, self.prefill_budget = max_queue, prefill_budget
+        self.reserved_slots = self.pool.num_slots // 4 if reserved_slots is None else reserved_slots
         self.queue: list[Request] = []  # requests with sequences not started, in admission order
         self.active: list[Request] = []  # requests with at least one sequence started
         self.cost = StepCost()
@@ -159,11 +162,11 @@ class Scheduler:
         budget = self.prefill_budget
         for req in list(self.queue):
             reserve = 0 if req.priority <= PRIORITY_ANALYSIS else self.reserved_slots
-            while req.waiting and self.pool.num_free > reserve:
+            while req.waiting and self._free_slots() > reserve:
                 seq = req.waiting[0]
                 if batch.prefill and len(seq.prompt_ids) > budget:
                     return batch
-                seq.slot = self.pool.acquire()
+                seq.slot = self.prefixes.acquire()
                 req.started += 1
                 budget -= len(seq.prompt_ids)
                 batch.prefill.append(seq)
@@ -172,6 +175,10 @@ class Scheduler:
             if not req.waiting:
                 self.queue.remove(req)
         return batch
+
+    def _free_slots(self) -> int:
+        """Slots a sequence could take now: free ones and those the prefix cache keeps."""
+        return self.pool.num_free + len(self.prefixes)
 
     def retire(self) -> list[Request]:
         """Free the slots of finished sequences; returns the requests now complete."""

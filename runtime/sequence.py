@@ -37,6 +37,9 @@ class Sequence:
     stop_id: int | None = None  # stop after producing this id (it is kept in `generated`)
     forced: list[int] | None = None  # teacher-forced continuation (scoring) instead of sampling
     stream: int = 0
+    # Leading prompt ids (all segment 1) that other sequences share, e.g. every question about
+    # one face: prefilled once and copied (kv_cache.PrefixCache); 0 = prefill the whole prompt.
+    shared_prefix: int = 0
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # of each generated id, in its window
     slot: int = -1

@@ -106,7 +106,9 @@ class Templates:
         prefix = [*self._head("to_attributes"), *self._image_part(codes)]
         ids = prefix + question
         segs = np.array([1] * len(prefix) + [2] * len(question), dtype=np.int64)
-        return self._text_sequence(ids, segs, params, 0, forced)
+        seq = self._text_sequence(ids, segs, params, 0, forced)
+        seq.shared_prefix = len(prefix)  # every question about this face starts the same
+        return seq
 
     def _text_sequence(
         self, ids: list[int], segs: np.ndarray, params: SamplingParams, stream: int, forced=None

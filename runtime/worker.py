@@ -144,6 +144,8 @@ class Worker:
                         len(running), time.monotonic() - decode_start
                     )
         self.last_step_at = time.monotonic()
+        self.metrics.set("prefix_cache_hits", self.engine.prefixes.hits)
+        self.metrics.set("prefix_cache_misses", self.engine.prefixes.misses)
         self.metrics.observe("step_seconds", self.last_step_at - start)
         self.metrics.observe("rows_per_step", batch.rows)
         self._report_tokens(batch, before)

@@ -186,7 +186,7 @@ def test_api_refuses_bad_input_and_keeps_answering(case, model, face, files, ref
     with pytest.raises(error) as caught:
         _call(model, face, files, entry, kwargs)
     assert str(caught.value)  # a message that says what is wrong
-    assert model.engine.pool.num_free == model.engine.pool.num_slots
+    assert model.engine.idle
     assert _answers(model, face) == reference
 
 
@@ -301,7 +301,7 @@ def test_fuzzed_sampling_parameters_draw_or_refuse(
         pass
     else:
         assert len(faces) == n and all(f.shape == (256, 256, 3) for f in faces)
-    assert model.engine.pool.num_free == model.engine.pool.num_slots
+    assert model.engine.idle
 
 
 @settings(
@@ -319,4 +319,4 @@ def test_fuzzed_attribute_questions_answer_or_refuse(model, face, names, mode, v
         pass
     else:
         assert answers and all("value" in a and 0.0 <= a["prob"] <= 1.0 for a in answers.values())
-    assert model.engine.pool.num_free == model.engine.pool.num_slots
+    assert model.engine.idle

@@ -46,7 +46,7 @@ def test_eight_threads_get_the_single_threaded_results(model):
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda call: call(), calls * 2))
     assert together == alone * 2
-    assert model.engine.pool.num_free == model.engine.pool.num_slots
+    assert model.engine.idle
 
 
 def test_a_call_that_raises_mid_drawing_frees_its_slots(model):
@@ -67,7 +67,7 @@ def test_a_call_that_raises_mid_drawing_frees_its_slots(model):
             model.generate_faces(
                 "a smiling woman", n=2, seed=1, candidates=2, on_step=stop_after(k)
             )
-        assert model.engine.pool.num_free == model.engine.pool.num_slots
+        assert model.engine.idle
     again = model.generate_faces("a smiling woman", n=2, seed=1, candidates=2)
     assert all(np.array_equal(a, b) for a, b in zip(again, expected))
 
@@ -89,4 +89,4 @@ def test_bundled_model_at_default_settings_under_two_callers():
         futures = [pool.submit(draw), pool.submit(read), pool.submit(read), pool.submit(draw)]
         together = [f.result() for f in futures]
     assert together == [alone[0], alone[1], alone[1], alone[0]]
-    assert m.engine.pool.num_free == m.engine.pool.num_slots
+    assert m.engine.idle

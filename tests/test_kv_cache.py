@@ -109,7 +109,7 @@ def test_rows_finishing_early_leave_and_the_rest_score_as_alone(any_model):
     ]  # fmt: skip
     for seq, ref in zip(batch, alone):
         np.testing.assert_allclose(seq.logprobs, ref, atol=1e-4)
-    assert m.engine.pool.num_free == m.engine.pool.num_slots
+    assert m.engine.idle
 
 
 def test_a_full_pool_runs_to_completion(tiny_model_dir):
@@ -120,4 +120,4 @@ def test_a_full_pool_runs_to_completion(tiny_model_dir):
     codes = np.zeros(m.config.vqgan.num_codes_per_image, dtype=np.int64)
     seqs = [m.templates.to_attribute(codes, "gender", forced=[1010, 102]) for _ in range(2)]
     m.engine.run(seqs)
-    assert all(len(s.logprobs) == 2 for s in seqs) and m.engine.pool.num_free == 2
+    assert all(len(s.logprobs) == 2 for s in seqs) and m.engine.idle

@@ -18,7 +18,7 @@ from facert.runtime.errors import (
     FacertOverloaded,
     InvalidArgument,
 )
-from facert.runtime.kv_cache import SlotPool
+from facert.runtime.kv_cache import PrefixCache, SlotPool
 from facert.runtime.request import Request
 from facert.runtime.scheduler import Scheduler
 from facert.runtime.sequence import GREEDY, Sequence
@@ -36,9 +36,9 @@ def _load(tiny_model_dir, backend="onnxruntime", **options):
 def _pool_free(m, timeout=5.0):
     """Slots are freed by the engine thread: wait (briefly) for it."""
     end = time.monotonic() + timeout
-    while m.engine.pool.num_free != m.engine.pool.num_slots and time.monotonic() < end:
+    while not m.engine.idle and time.monotonic() < end:
         time.sleep(0.01)
-    return m.engine.pool.num_free == m.engine.pool.num_slots
+    return m.engine.idle
 
 
 def _mixed_calls(face):
@@ -121,7 +121,7 @@ def test_image_and_text_rows_in_one_step_equal_separate_steps(tiny_model_dir):
 
 def test_queue_order_is_priority_then_deadline_then_arrival():
     pool = SlotPool(4, 16)
-    s = Scheduler(pool)
+    s = Scheduler(PrefixCache(pool, 0))
 
     def request(priority, deadline=None):
         seq = Sequence(np.array([1, 2]), np.array([1, 1]), (0, 10), 1)
@@ -283,3 +283,39 @@ def test_a_caption_streams_as_it_is_written(tiny_model_dir):
     unfinished.close()  # stops early: the request is cancelled
     assert len(drawing.result(timeout=60)) == 1
     assert _pool_free(m)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-graph", "torch"])
+def test_questions_about_one_face_share_its_prefill(tiny_model_dir, backend):
+    """Every question and candidate answer about a face branch from one prefill of
+    `[CLS] to attributes [SEP] codes [SEP]`: the scores equal independent prefills, and the
+    same face asked again computes no prefix at all (the prefix cache)."""
+    m = _load(tiny_model_dir, backend)
+    t = m.templates
+    codes = m.image_tokenizer.encode([np.full((32, 32, 3), 90, np.uint8)])[0]
+    answers = [t.candidate_ids(v) for v in ("male", "female")]
+
+    def rows(shared):
+        seqs = [
+            t.to_attribute(codes, name, forced=a) for name in ("gender", "age") for a in answers
+        ]
+        for s in seqs:
+            s.shared_prefix = s.shared_prefix if shared else 0
+        return seqs
+
+    independent, shared = rows(False), rows(True)
+    m.engine.run(independent)
+    events = []
+    m.engine.observers.append(events.append)
+    m.engine.run(shared)
+    again = rows(True)
+    m.engine.run(again)
+    m.engine.observers.remove(events.append)
+    for a, b, c in zip(independent, shared, again):
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
+        assert c.logprobs == b.logprobs
+    prefix = shared[0].shared_prefix
+    questions = sum(len(s.prompt_ids) - prefix for s in shared)
+    prefills = [e.tokens for e in events if e.kind == "prefill"]
+    assert prefills == [prefix + questions, questions]  # once, then not at all
+    assert m.engine.prefixes.hits >= 1 and m.engine.idle
