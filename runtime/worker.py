@@ -46,6 +46,11 @@ class Worker:
                 raise EngineFailure(f"the engine thread stopped: {self._failure!r}")
             if self._closing and not continuation:
                 raise EngineFailure("this model is closed")
+            if not self._thread.is_alive():  # e.g. a child forked after the model was loaded
+                raise EngineFailure(
+                    "this model's engine thread is not running in this process (was it forked "
+                    "after facert.load()? load the model in the process that uses it)"
+                )
             try:
                 self.scheduler.admit(req, time.monotonic(), checks=not continuation)
             except Exception as e:

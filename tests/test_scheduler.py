@@ -319,3 +319,28 @@ def test_questions_about_one_face_share_its_prefill(tiny_model_dir, backend):
     prefills = [e.tokens for e in events if e.kind == "prefill"]
     assert prefills == [prefix + questions, questions]  # once, then not at all
     assert m.engine.prefixes.hits >= 1 and m.engine.idle
+
+
+def test_a_forked_child_is_told_the_engine_is_not_running(tiny_model_dir):
+    """A fork keeps only the calling thread: the child's copy of the model must say so at
+    once, not wait forever for an engine thread that does not exist there."""
+    import multiprocessing
+
+    m = _load(tiny_model_dir)
+    face = np.zeros((8, 8, 3), np.uint8)
+    m.caption(face)
+
+    def child(queue):
+        try:
+            m.caption(face)
+            queue.put("answered")
+        except EngineFailure as e:
+            queue.put(str(e))
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    p = ctx.Process(target=child, args=(queue,))
+    p.start()
+    assert "engine thread is not running" in queue.get(timeout=30)
+    p.join(30)
+    assert isinstance(m.caption(face), str)  # the parent's model goes on
