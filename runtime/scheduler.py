@@ -128,17 +128,21 @@ class Scheduler:
     def estimate_seconds(self, req: Request | None) -> float:
         """Predicted seconds until `req` would finish if admitted now (None: until the queue
         ahead of a new lowest-priority request has drained). Counts the decode work (row-steps)
-        of everything ahead of it, spread over the slots, its own rows' sequential steps, and
-        the prompts still to prefill."""
+        of everything ahead of it, spread over the slots that rows behind it do not hold, its
+        own rows' sequential steps, and the prompts still to prefill; every step is priced at
+        the rows it will run, rows behind it that already hold slots included."""
         ahead = [r for r in self.requests() if req is None or r.sort_key() < req.sort_key()]
         mine = [] if req is None else [req]
         seqs = [s for r in ahead + mine for s in r.seqs if not s.done]
         if not seqs:
             return 0.0
+        behind = sum(1 for r in self.active if r not in ahead
+                     for s in r.seqs[: r.started] if not s.done)  # fmt: skip
         work = sum(expected_steps(s) for s in seqs)
-        rows = min(self.pool.num_slots, len(seqs))
+        slots = max(1, self.pool.num_slots - behind)
         depth = max((expected_steps(s) for r in mine for s in r.seqs), default=0)
-        steps = max(depth, math.ceil(work / rows))
+        steps = max(depth, math.ceil(work / min(slots, len(seqs))))
+        rows = min(self.pool.num_slots, len(seqs) + behind)
         prompts = sum(len(s.prompt_ids) for r in ahead + mine for s in r.waiting)
         return steps * self.cost.decode_seconds(rows) + prompts * self.cost.prefill_per_token
 
