@@ -48,11 +48,6 @@ class Request:
     def done(self) -> bool:
         return self.started == len(self.seqs) and all(s.done for s in self.seqs)
 
-    def row_steps(self) -> int:
-        """Decode work left, in row-steps (one row producing one token): the cost model for
-        admission and deadlines."""
-        return sum(s.tokens_left for s in self.seqs)
-
     def sort_key(self) -> tuple:
         """Admission order: priority, then the earliest deadline, then arrival."""
         return (self.priority, self.deadline if self.deadline is not None else float("inf"),
