@@ -16,11 +16,28 @@ from facert.runtime.config import (
     LMConfig,
     ModelConfig,
     VQGANConfig,
+    load_config,
     write_config,
 )
 
-BASE = ModelConfig(name="talk2face-base-random", lm=LMConfig(), vqgan=VQGANConfig(),
-                   attributes={"gender": ["male", "female"]})  # fmt: skip
+
+def base_config() -> ModelConfig:
+    """The real shapes, with every attribute the bundled model knows (so `bench attributes`
+    asks the base shape as many questions as a real kiosk would)."""
+    from facert import BUNDLED_MODEL
+
+    attributes = load_config(BUNDLED_MODEL).attributes
+    return ModelConfig(name="talk2face-base-random", lm=LMConfig(), vqgan=VQGANConfig(),
+                       attributes=attributes)  # fmt: skip
+
+
+def _vocab(config: ModelConfig) -> list[str]:
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += ["to", "image", "caption", "attributes", ":", "-"]
+    for name, values in config.attributes.items():
+        words += [w for text in (name, *values) for w in text.replace("-", " ").split()]
+    words = list(dict.fromkeys(words))
+    return words + [f"w{i}" for i in range(config.lm.text_vocab_size - len(words))]
 
 
 def _lm_shapes(c: LMConfig) -> dict[str, tuple[int, ...]]:
@@ -63,9 +80,14 @@ def _random(shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> dic
 
 
 def make_base_model(out_dir: Path, seed: int = 0) -> Path:
-    """Write (once) the random base-shape model directory; returns it."""
+    """Write (once) the random base-shape model directory; returns it. A directory made with
+    other attributes gets the current ones (and their words) without new weights."""
     out_dir = Path(out_dir)
+    config = base_config()
     if (out_dir / CONFIG_FILE).is_file():
+        if load_config(out_dir).attributes != config.attributes:
+            (out_dir / VOCAB_FILE).write_text("\n".join(_vocab(config)) + "\n")
+            write_config(out_dir, config)
         return out_dir
     import torch
 
@@ -73,13 +95,10 @@ def make_base_model(out_dir: Path, seed: int = 0) -> Path:
 
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(_random(_lm_shapes(BASE.lm), rng), str(out_dir / LM_FILE))
+    save_file(_random(_lm_shapes(config.lm), rng), str(out_dir / LM_FILE))
     with torch.device("meta"):
-        vq_shapes = {k: tuple(v.shape) for k, v in VQGAN(BASE.vqgan).state_dict().items()}
+        vq_shapes = {k: tuple(v.shape) for k, v in VQGAN(config.vqgan).state_dict().items()}
     save_file(_random(vq_shapes, rng), str(out_dir / VQGAN_FILE))
-    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words += ["to", "image", "caption", "attributes", "gender", ":", "male", "female"]
-    words += [f"w{i}" for i in range(BASE.lm.text_vocab_size - len(words))]
-    (out_dir / VOCAB_FILE).write_text("\n".join(words) + "\n")
-    write_config(out_dir, BASE)
+    (out_dir / VOCAB_FILE).write_text("\n".join(_vocab(config)) + "\n")
+    write_config(out_dir, config)
     return out_dir

@@ -14,7 +14,7 @@ import numpy as np
 
 from facert.runtime.config import VOCAB_FILE, ModelConfig, load_config
 from facert.runtime.model import FaceModel
-from facert.runtime.sequence import SamplingParams
+from facert.runtime.sequence import TOP_K, SamplingParams
 from facert.runtime.tasks import Templates
 from facert.runtime.tokenizer import WordPieceTokenizer
 
@@ -28,7 +28,6 @@ DESCRIPTION = (
     "earrings , and looks attractive"
 )
 COMPETITORS = ("transformers", "genai")
-TOP_K = 70
 
 
 class Facert:

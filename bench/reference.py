@@ -20,8 +20,7 @@ import torch
 from facert.export.lm import Talk2FaceLM
 from facert.runtime.backends.torch_backend import TorchBackend
 from facert.runtime.config import load_config
-
-from .contestants import TOP_K
+from facert.runtime.sequence import TOP_K
 
 
 def pick(logits: torch.Tensor, top_k: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""`facert bench tasks|throughput|load|memory`: their arguments, and one runner that resolves the
-models, runs the scenario on each, prints its markdown and writes JSON, markdown and PNG.
+"""`facert bench tasks|throughput|load|attributes|mixed|memory`: their arguments, and one runner
+that resolves the models, runs the scenario on each, prints its markdown and writes JSON,
+markdown and PNG.
 
 Only argparse is imported here (the CLI builds its parser on every call); a scenario's module,
 and torch with it, is imported when that scenario runs.
@@ -43,7 +44,7 @@ def _common(p: argparse.ArgumentParser, configs: str, options: list[str]) -> Non
 
 
 def add_scenarios(bench: argparse._SubParsersAction, handler) -> None:
-    """Add the four scenarios to the `facert bench` subparsers; each calls handler(args)."""
+    """Add the scenarios to the `facert bench` subparsers; each calls handler(args)."""
     p = bench.add_parser("tasks", help="per task: TTFT, per token, end to end p50/p95/p99")
     _common(p, FACERT_CONFIGS, ["samples", "competitors", "lengths", "check_steps"])
     p.add_argument("--samples", type=int, default=5, help="timed calls per task (default 5)")
@@ -68,6 +69,14 @@ def add_scenarios(bench: argparse._SubParsersAction, handler) -> None:
         "--deadline", type=float, default=3.0, help="deadline, x the task's solo latency (3)"
     )
 
+    p = bench.add_parser("attributes", help="every attribute of a face beside one; a repeat")
+    _common(p, "onnxruntime:fp32", ["samples"])
+    p.add_argument("--samples", type=int, default=5, help="faces asked per case (default 5)")
+
+    p = bench.add_parser("mixed", help="tokens/s of drawing and caption rows in one batch")
+    _common(p, "onnxruntime:fp32", ["batches"])
+    p.add_argument("--batches", type=_numbers(int), default=[4, 16], help="default 4,16")
+
     p = bench.add_parser("memory", help="peak RSS and KV bytes, each config in a fresh process")
     _common(p, FACERT_CONFIGS, ["batches", "competitors", "new_tokens"])
     p.add_argument("--batches", type=_numbers(int), default=[1, 16], help="default 1,16")
@@ -82,7 +91,7 @@ def add_scenarios(bench: argparse._SubParsersAction, handler) -> None:
             action="store_false",
             help="facert and the reference only (no transformers, no onnxruntime-genai)",
         )
-    for name in ("tasks", "throughput", "load", "memory"):
+    for name in ("tasks", "throughput", "load", "attributes", "mixed", "memory"):
         bench.choices[name].set_defaults(func=handler)
 
 

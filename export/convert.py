@@ -10,14 +10,16 @@ an InvalidArgument), and the model directory appears whole or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -29,11 +31,14 @@ from facert.runtime.config import (
     VQGAN_FILE,
     LMConfig,
     ModelConfig,
+    ReadingCalibration,
     VQGANConfig,
     write_config,
 )
 from facert.runtime.errors import InvalidArgument, ModelFileError
 from facert.runtime.files import directory_lock, staged
+from facert.runtime.images import model_input
+from facert.runtime.reading_quality import calibrate, check_calibration_faces, vqgan_psnr
 
 from .checkpoint import read_checkpoint
 from .lm import Talk2FaceLM
@@ -359,6 +364,30 @@ def vqgan_state_from_checkpoint(raw: Any, cfg: VQGANConfig) -> dict[str, torch.T
     return _float32_weights(state, what, lambda k: prefix + k)
 
 
+@torch.inference_mode()
+def reading_calibration(
+    faces: Sequence[str | Path], vq_state: dict[str, torch.Tensor], config: ModelConfig
+) -> ReadingCalibration:
+    """Held-out face image files -> the threshold their reading scores set, measured with the
+    exact VQGAN (runtime/reading_quality.py) a batch at a time."""
+    vqgan = VQGAN(config.vqgan)
+    vqgan.load_state_dict(vq_state)
+    vqgan.eval()
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        return vqgan.encode(torch.from_numpy(x)).numpy()
+
+    def decode(codes: np.ndarray) -> np.ndarray:
+        return vqgan.decode(torch.from_numpy(codes)).numpy()
+
+    size, scaling, batch = config.vqgan.resolution, config.image_scaling, 64
+    scores = [
+        vqgan_psnr(model_input(list(faces[i : i + batch]), size, scaling), scaling, encode, decode)
+        for i in range(0, len(faces), batch)
+    ]
+    return calibrate(np.concatenate(scores))
+
+
 # What `convert` writes, plus the engines `facert export` adds: a directory holding facert.json
 # and nothing outside these is one a new conversion may replace.
 MODEL_DIR_ENTRIES = {CONFIG_FILE, LM_FILE, VQGAN_FILE, VOCAB_FILE, "onnx"}
@@ -392,11 +421,16 @@ def convert(
     image_scaling: str = "reference",
     attributes: dict[str, list[str]] | None = None,
     name: str = "talk2face",
+    calibration_faces: Sequence[str | Path] | None = None,
 ) -> ModelConfig:
     """Write a facert model directory; returns its config. Every input is checked before
-    anything is written."""
+    anything is written. `calibration_faces`: image files of held-out faces like the model's
+    training faces, which set the threshold of its readings' in-distribution score; without
+    them facert.json records none and readings say neither reliable nor not."""
     out_dir, vocab = Path(out_dir), Path(vocab)
     check_output(out_dir)
+    if calibration_faces is not None:
+        check_calibration_faces(len(calibration_faces))
     lm_what, vq_what = f"LM config {lm_config}", f"VQGAN config {vqgan_config}"
     try:
         tp = json.loads("".join(_read_lines(Path(lm_config), "LM config")))
@@ -421,6 +455,9 @@ def convert(
     )
     lm_state = lm_state_from_tencentpretrain(read_checkpoint(lm_checkpoint), config.lm)
     vq_state = vqgan_state_from_checkpoint(read_checkpoint(vqgan_checkpoint), config.vqgan)
+    if calibration_faces is not None:
+        calibration = reading_calibration(calibration_faces, vq_state, config)
+        config = dataclasses.replace(config, reading_calibration=calibration)
 
     def write(directory: Path) -> None:
         save_file(lm_state, str(directory / LM_FILE))

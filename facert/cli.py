@@ -7,9 +7,11 @@ import glob
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from facert.runtime.errors import FacertError, ImageError, InvalidArgument
+from facert.runtime.onnx_engines import PRECISIONS
 
 # the fused decode kernel beside ONNX Runtime's lm_decode graph, then int4 and torch
 DECODE_CONFIGS = (
@@ -60,7 +62,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "fp16", "int8", "int4"],
+        choices=PRECISIONS,
         help="ONNX Runtime precision (default: fp32)",
     )
     p.add_argument("--engine", type=Path, help="exported ONNX engine directory to use")
@@ -71,9 +73,14 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
         dest="providers",
         help="ONNX Runtime execution provider, e.g. CUDAExecutionProvider (repeatable)",
     )
+    p.add_argument(
+        "--memory-budget",
+        help="memory for weights, activations and the KV cache, e.g. 2GiB: the cache gets as "
+        "many slots as fit (default: 16 slots)",
+    )
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, **options):
     import facert
 
     return facert.load(
@@ -83,6 +90,8 @@ def _load(args: argparse.Namespace):
         engine_dir=args.engine,
         providers=args.providers,
         threads=args.threads,
+        memory_budget=args.memory_budget,
+        **options,
     )
 
 
@@ -95,6 +104,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             attributes = json.loads(Path(args.attributes).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InvalidArgument(f"cannot read attribute vocabulary {args.attributes}: {e}") from e
+    faces = _image_paths([args.calibration_faces]) if args.calibration_faces else None
     config = convert(
         args.lm,
         args.lm_config,
@@ -105,12 +115,19 @@ def cmd_convert(args: argparse.Namespace) -> None:
         image_scaling=args.image_scaling,
         attributes=attributes,
         name=args.name,
+        calibration_faces=faces,
     )
-    lm = config.lm
+    lm, calibration = config.lm, config.reading_calibration
     print(
         f"wrote {args.output}: LM {lm.n_layer}x{lm.n_embd} (vocab {lm.vocab_size}), "
         f"VQGAN {config.vqgan.num_codes_per_image} codes of {config.vqgan.n_embed}, "
         f"image scaling {config.image_scaling}"
+        + (
+            f", reading threshold {calibration.threshold:.2f} dB (percentile "
+            f"{calibration.percentile:g} of {calibration.faces} faces)"
+            if calibration
+            else ", no reading threshold (no --calibration-faces)"
+        )
     )
 
 
@@ -157,18 +174,18 @@ def cmd_caption(args: argparse.Namespace) -> None:
         print(f"{image}\t{text}")
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
 def _image_paths(items: list[str]) -> list[str]:
     """Files as given; a folder -> its image files; a pattern the shell left alone -> matches."""
+    from facert.runtime.images import image_suffixes
+
     paths = []
     for item in items:
         if Path(item).is_dir():
+            suffixes = image_suffixes()
             found = sorted(str(f) for f in Path(item).iterdir()
-                           if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
+                           if f.is_file() and f.suffix.lower() in suffixes)  # fmt: skip
             if not found:
-                raise InvalidArgument(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {item}")
+                raise InvalidArgument(f"no image files ({', '.join(suffixes)}) in {item}")
             paths += found
         elif not Path(item).exists() and glob.has_magic(item):
             found = sorted(glob.glob(item))
@@ -205,13 +222,17 @@ def _in_order(items: list, submit, in_flight: int):
 def cmd_analyze(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from facert.runtime.worker import then
+
     m = _load(args)
     names = args.attributes or ",".join(m.config.attributes)
     images = _image_paths(args.images)
     failed = 0
 
     def submit(image: str):
-        return m.submit("attributes", image, names, mode=args.mode, views=args.views)
+        reading = m.reading_quality(image)  # while the engine reads the images before it
+        answers = m.submit("attributes", image, names, mode=args.mode, views=args.views)
+        return then(answers, lambda attributes: (attributes, reading))
 
     with tqdm(total=len(images), unit="img", desc="analyzing", disable=len(images) < 2) as bar:
         for image, outcome in _in_order(images, submit, 2 * m.engine.pool.num_slots):
@@ -222,11 +243,19 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                     print(json.dumps({"image": image, "error": str(outcome)}), flush=True)
                 else:
                     bar.write(f"facert: error: {image}: {outcome}", file=sys.stderr)
-            elif args.json:
-                print(json.dumps({"image": image, "attributes": outcome}), flush=True)
-            else:
-                for name, a in outcome.items():
-                    bar.write(f"{image}\t{name}: {a['value']}\t(p={a['prob']:.3f})")
+                continue
+            attributes, reading = outcome
+            if args.json:
+                line = {"image": image, "attributes": attributes, "reading": reading}
+                print(json.dumps(line), flush=True)
+                continue
+            if reading["reliable"] is False:
+                bar.write(
+                    f"{image}\tUNRELIABLE: unlike the faces this model learned (reading score "
+                    f"{reading['score']:.1f} dB, below {reading['threshold']:.1f} dB)"
+                )
+            for name, a in attributes.items():
+                bar.write(f"{image}\t{name}: {a['value']}\t(p={a['prob']:.3f})")
     if failed:
         raise FacertError(f"{failed} of {len(images)} images could not be analyzed (above)")
 
@@ -348,6 +377,38 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}/contact-sheet.png, report.json and {args.n} faces")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from facert.runtime.server import serve
+    except ImportError as e:
+        raise FacertError(f'facert serve needs {e.name}: pip install "facert[serve]"') from e
+    if args.model_dir is not None:
+        args.model = args.model_dir
+    api_key = args.api_key if args.api_key is not None else os.environ.get("FACERT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise InvalidArgument("the API key is empty")
+    if not args.max_body_mb > 0 or not args.grace >= 0:
+        raise InvalidArgument("--max-body-mb must be positive and --grace at least 0")
+    m = _load(args, max_queue=args.max_queue)
+    try:
+        serve(m, args.host, args.port, api_key, args.grace, int(args.max_body_mb * 2**20),
+              access_log=not args.no_access_log)  # fmt: skip
+    finally:
+        m.close()
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from facert.bench.serve import run
+
+    run(args.model, args.concurrency, args.requests, args.pairs, args.output)
+
+
+def cmd_bench_soak(args: argparse.Namespace) -> None:
+    from facert.bench.soak import run
+
+    run(args.model, args.minutes, args.clients, args.output)
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -370,6 +431,39 @@ def cmd_doctor(args: argparse.Namespace) -> None:
         raise FacertError("some checks failed (see the table above)")
 
 
+def cmd_camera(args: argparse.Namespace) -> None:
+    from facert.runtime import camera
+    from facert.runtime.faces import FaceDetector
+
+    detector = FaceDetector(args.min_face)
+    headless = not args.display and args.out is None
+    to_stdout = args.jsonl == "-" or (args.jsonl is None and headless)
+    m = _load(args)
+    try:
+        with open(args.jsonl, "w") if args.jsonl not in (None, "-") else nullcontext() as f:
+            stats = camera.run(
+                args.source, m, args.attributes, args.interval, args.display, args.out,
+                sys.stdout if to_stdout else f, args.every_frame, detector, args.views,
+            )  # fmt: skip
+    finally:
+        m.close()
+    print(stats.text(), file=sys.stderr if to_stdout else sys.stdout)
+
+
+def cmd_bench_detectors(args: argparse.Namespace) -> None:
+    from facert.bench.camera import run_detectors
+
+    result = run_detectors(args.output, progress=lambda name: print(name, file=sys.stderr))
+    print(result["markdown"])
+
+
+def cmd_bench_camera(args: argparse.Namespace) -> None:
+    from facert.bench.camera import run_camera
+
+    result = run_camera(args.output, args.seconds, args.fps, args.interval)
+    print(result["markdown"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -389,6 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--attributes", help="json {name: [values]} for attribute score mode")
     p.add_argument("--name", default="talk2face")
+    p.add_argument(
+        "--calibration-faces",
+        metavar="DIR_OR_GLOB",
+        help="held-out faces like the model's training faces (a folder or a quoted glob): "
+        "they set the threshold below which a reading is marked unreliable (default: none "
+        "recorded; readings then say neither reliable nor not)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="draw faces from a description")
@@ -425,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["score", "generate"], default="score")
     _views_arg(p)
     p.add_argument(
-        "--json", action="store_true", help='JSON lines: {"image", "attributes" or "error"}'
+        "--json",
+        action="store_true",
+        help='JSON lines: {"image", "attributes", "reading"} or {"image", "error"}',
     )
     p.set_defaults(func=cmd_analyze)
 
@@ -458,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_decode)
     from facert.bench.scenarios import add_scenarios
 
-    add_scenarios(bench, cmd_bench_scenario)  # tasks, throughput, load, memory
+    add_scenarios(bench, cmd_bench_scenario)  # tasks, throughput, load, attributes, mixed, memory
 
     p = bench.add_parser("quality", help="task accuracy on held-out synthetic faces, per config")
     p.add_argument("--model", help="facert model directory (default: the bundled model)")
@@ -475,6 +578,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="directory for quality-MODEL.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench_quality)
+
+    p = bench.add_parser("serve", help="the HTTP server beside the Python API: req/s, p50/p99")
+    p.add_argument("--model", help="facert model directory (default: the bundled model)")
+    p.add_argument("--concurrency", default="1,8,32", help="concurrent clients (1,8,32)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=32,
+        help="requests per endpoint and concurrency level (default 32)",
+    )
+    p.add_argument(
+        "--pairs", type=int, default=40, help="HTTP / API pairs timed for the overhead (40)"
+    )
+    p.add_argument("-o", "--output", type=Path, help="directory for serve.json and serve.md")
+    p.set_defaults(func=cmd_bench_serve)
+
+    p = bench.add_parser("soak", help="the HTTP server under minutes of mixed load: leaks, errors")
+    p.add_argument("--model", help="facert model directory (default: the bundled model)")
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the run (default 10)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("-o", "--output", type=Path, help="directory for soak.json and soak.md")
+    p.set_defaults(func=cmd_bench_soak)
+
+    p = bench.add_parser("detectors", help="face detectors on real photos: recall, false, speed")
+    p.add_argument("-o", "--output", type=Path, help="directory for detectors.json and .md")
+    p.set_defaults(func=cmd_bench_detectors)
+
+    p = bench.add_parser("camera", help="facert camera on a video file: frames/s and latency")
+    p.add_argument("--seconds", type=float, default=10.0, help="video length (default 10)")
+    p.add_argument("--fps", type=float, default=30.0, help="video frame rate (default 30)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between readings (1)")
+    p.add_argument("-o", "--output", type=Path, help="directory for camera.json and camera.md")
+    p.set_defaults(func=cmd_bench_camera)
+
+    p = sub.add_parser("serve", help="serve the model over HTTP (FastAPI; see README, Serving)")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL", help="model directory (or -m)")
+    _model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on /v1 and /metrics "
+        "(default: $FACERT_API_KEY; the environment keeps it out of `ps`)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="waiting requests before new ones get 429 (default 256)",
+    )
+    p.add_argument(
+        "--max-body-mb", type=float, default=32.0, help="largest request body, MiB (default 32)"
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM lets running requests finish (default 30)",
+    )
+    p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("camera", help="read the faces in a camera, video file or stream, live")
+    p.add_argument("--source", required=True, help="camera index (0), video file or stream URL")
+    _model_arg(p)
+    p.add_argument("--display", action="store_true", help="show the annotated frames (q quits)")
+    p.add_argument("--out", type=Path, help="write the annotated frames to this .mp4 or .avi")
+    p.add_argument(
+        "--jsonl",
+        help="one JSON line per processed frame to this file ('-': stdout; the default "
+        "without --display and --out)",
+    )
+    p.add_argument("--attributes", help="comma-separated names (default: all the model knows)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between two readings of one face (default 1)",
+    )
+    _views_arg(p)
+    p.add_argument("--min-face", type=int, default=40, help="smallest face, pixels (default 40)")
+    p.add_argument(
+        "--every-frame",
+        action="store_true",
+        help="a video file: process every frame as fast as possible (default: in real time, "
+        "dropping frames the pipeline has no time for, as a camera does)",
+    )
+    p.set_defaults(func=cmd_camera)
 
     p = sub.add_parser("demo", help="draw faces from a sentence and read them back (contact sheet)")
     p.add_argument("--text", default=None, help="what to draw (default: a sample sentence)")

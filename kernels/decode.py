@@ -119,6 +119,11 @@ class FusedDecoder:
         )  # fmt: skip
         self._layers = layers
 
+    @property
+    def weight_bytes(self) -> int:
+        """The kernel's own copy of the weights (packed, at its precision)."""
+        return sum(a.nbytes for a in self._keep)
+
     def _float(self, a: np.ndarray) -> int:
         a = np.ascontiguousarray(a, dtype=np.float32)
         self._keep.append(a)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +89,31 @@ def check_views(views: int, what: str = "views") -> int:
     return check_int(views, what, 1, len(READING_VIEWS))
 
 
+# What a reading's in-distribution score measures (see runtime/reading_quality.py).
+READING_MEASURE = "vqgan_psnr_db"
+
+
+@dataclass(frozen=True)
+class ReadingCalibration:
+    """How a model's reading scores are judged: `threshold` is the `percentile`-th percentile of
+    the scores of `faces` held-out faces like its training faces; a face scoring below it is
+    unlike them, and what the model reads from it means little."""
+
+    measure: str
+    threshold: float
+    percentile: float
+    faces: int
+
+    def __post_init__(self) -> None:
+        where = "reading_calibration"
+        if self.measure != READING_MEASURE:
+            raise FacertError(f"{where}.measure must be {READING_MEASURE!r}, not {self.measure!r}")
+        if not 0 < self.percentile < 100:
+            raise FacertError(f"{where}.percentile must lie in (0, 100), not {self.percentile}")
+        if not math.isfinite(self.threshold):
+            raise FacertError(f"{where}.threshold must be finite, not {self.threshold}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything about a model directory except its weights."""
@@ -115,6 +142,9 @@ class ModelConfig:
     # READING_VIEWS: the face, its mirror image, and the face shifted a quarter code cell
     # right and left. 1 (the face alone, as the reference does) unless measured better.
     reading_views: int = 1
+    # Judges readings' in-distribution scores; absent (None) when no held-out faces were measured
+    # (converted without --calibration-faces): readings then say neither reliable nor not.
+    reading_calibration: ReadingCalibration | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -173,9 +203,11 @@ def _from_json(cls: type, d: object, where: str) -> typing.Any:
 
 
 def _from_json_value(v: object, hint: typing.Any, where: str) -> typing.Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None: optional, absent when None
+        return _from_json_value(v, next(a for a in args if a is not type(None)), where)
     if dataclasses.is_dataclass(hint):
         return _from_json(hint, v, where + ".")
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (tuple, list):  # tuple[int, ...] or list[str]: a JSON array
         if not isinstance(v, list):
             raise ModelFileError(f"{where} must be a list, got {v!r}")
@@ -257,10 +289,12 @@ def model_hash(model_dir: str | Path) -> str:
 
 def write_config(model_dir: str | Path, config: ModelConfig) -> None:
     """Write facert.json with the sha256 of the weights and vocabulary beside it (call it
-    after writing them): every load then checks them in the pass model_hash makes anyway."""
+    after writing them): every load then checks them in the pass model_hash makes anyway.
+    Optional fields that are None are left out: absent means unknown."""
     model_dir = Path(model_dir)
     record = {name: _sha256(model_dir / name) for name in CHECKED_FILES}
-    doc = {**dataclasses.asdict(config), "sha256": record}
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+    doc = {**fields, "sha256": record}
     (model_dir / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
 
 

@@ -61,10 +61,11 @@ class Engine:
         """No sequence holds a slot (the prefix cache may keep some)."""
         return self.pool.num_free + len(self.prefixes) == self.pool.num_slots
 
-    def prefill(self, seqs: list[Sequence]) -> None:
-        """Run the prompts of sequences that hold slots; each gets its first token."""
+    def prefill(self, seqs: list[Sequence]) -> int:
+        """Run the prompts of sequences that hold slots; each gets its first token. Returns the
+        prompt tokens computed (shared and cached prefixes count once, or not at all)."""
         if not seqs:
-            return
+            return 0
         start = time.perf_counter()
         by_length: dict[int, list[Sequence]] = defaultdict(list)
         by_prefix: dict[bytes, list[Sequence]] = defaultdict(list)
@@ -84,20 +85,26 @@ class Engine:
         for group in by_prefix.values():
             tokens += self._branch(group)
         self._report(StepEvent("prefill", len(seqs), tokens, time.perf_counter() - start))
+        return tokens
 
     def _branch(self, group: list[Sequence]) -> int:
         """Sequences whose prompts start with one shared prefix: the prefix is prefilled once
-        (or found in the prefix cache) and its cached positions copied into every row's slot;
-        each row's own rest of the prompt (segment 2, e.g. "gender :") is then fed one token
-        per decode step, which is what prefilling it would compute. Returns the prompt tokens
-        computed."""
+        (or found in the prefix cache) and its cached positions copied into a slot per distinct
+        prompt; that prompt's own rest (segment 2, e.g. "gender :") is then fed one token per
+        decode step, which is what prefilling it would compute, and the whole prompt copied to
+        every other row asking the same (each candidate answer to one question). Returns the
+        prompt tokens computed."""
         first = group[0]
         n = first.shared_prefix
         ids, segs = first.prompt_ids[:n], first.prompt_segs[:n]
         if any((s.prompt_segs[n:] != 2).any() for s in group):
             raise ValueError("only segment-2 ids may follow a shared prefix")
+        asking: dict[bytes, list[Sequence]] = defaultdict(list)  # one question, its rows
+        for s in group:
+            asking[s.prompt_ids.tobytes()].append(s)
+        leads = [rows[0] for rows in asking.values()]
         cached = self.prefixes.get(ids)
-        tokens = sum(len(s.prompt_ids) - n for s in group)
+        tokens = sum(len(s.prompt_ids) - n for s in leads)
         if cached is None:
             tokens += n
             keep = self.prefixes.reserve()
@@ -107,20 +114,23 @@ class Engine:
                 self.prefixes.put(ids, keep, hidden)
         else:
             src, hidden = cached.slot, cached.hidden
-        for s in group:
+        for s in leads:
             if s.slot != src:
                 self.backend.copy_slot(src, s.slot, n)
-        last = [hidden] * len(group)  # each row's hidden state at its last prompt position
-        for pos in range(n, max(len(s.prompt_ids) for s in group)):
-            rows = [r for r, s in enumerate(group) if len(s.prompt_ids) > pos]
+        last = {id(s): hidden for s in leads}  # each lead's hidden state at its last position
+        for pos in range(n, max(len(s.prompt_ids) for s in leads)):
+            rows = [s for s in leads if len(s.prompt_ids) > pos]
             h = self.backend.decode(
-                np.array([group[r].slot for r in rows]),
-                np.array([group[r].prompt_ids[pos] for r in rows]),
+                np.array([s.slot for s in rows]),
+                np.array([s.prompt_ids[pos] for s in rows]),
                 np.full(len(rows), pos),
             )  # (B, C)
-            for r, row in zip(rows, h):
-                last[r] = row
-        self._sample(group, np.stack(last))
+            last.update((id(s), row) for s, row in zip(rows, h))
+        for lead, rows in zip(leads, asking.values()):
+            for s in rows[1:]:
+                self.backend.copy_slot(lead.slot, s.slot, len(s.prompt_ids))
+        self._sample(group, np.stack([last[id(asking[s.prompt_ids.tobytes()][0])]
+                                      for s in group]))  # fmt: skip
         return tokens
 
     def decode(self, seqs: list[Sequence]) -> None:

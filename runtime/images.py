@@ -37,6 +37,12 @@ MAX_IMAGES = Limits().max_images
 READ_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
+def image_suffixes() -> tuple[str, ...]:
+    """File name suffixes of READ_FORMATS (".png", ".jpg", ...), as PIL registers them."""
+    Image.init()
+    return tuple(sorted(e for e, f in Image.registered_extensions().items() if f in READ_FORMATS))
+
+
 def _gray8(pixels: np.ndarray) -> np.ndarray:
     """Integer gray (I;16*, and "I" as PIL reads 16-bit PGM: 0..65535, clipped) -> uint8 by its
     high byte, as PIL reads 16-bit RGB PNGs, so gray and colour 16-bit files agree. Float ("F")
@@ -127,8 +133,9 @@ def _array_rgb(pixels: np.ndarray, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(rgb))
 
 
-def load_rgb(image: ImageLike, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """One image -> uint8 [size, size, 3] RGB, resized bilinearly as the reference does."""
+def load_rgb(image: ImageLike, size: int | None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """One image -> uint8 [size, size, 3] RGB, resized bilinearly as the reference does (size
+    None: uint8 [H, W, 3] as it is, e.g. to find the faces in a photo)."""
     max_pixels = check_int(max_pixels, "max_pixels", lo=1)
     if isinstance(image, Image.Image):
         img = _pil_rgb(image, f"<PIL {image.mode} image>", max_pixels)
@@ -141,7 +148,7 @@ def load_rgb(image: ImageLike, size: int, max_pixels: int = MAX_PIXELS) -> np.nd
             f"unsupported image type {type(image).__name__}: give a path, encoded bytes or a "
             f"binary file, a PIL image, or a numpy array ({_ARRAY_FORMS})"
         )
-    if img.size != (size, size):
+    if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 

@@ -87,8 +87,8 @@ class PrefixCache:
         """A slot to prefill a new prefix into, or None when none can be spared."""
         if self.capacity < 1:
             return None
-        if len(self._entries) >= self.capacity:
-            self.evict()
+        if len(self._entries) >= self.capacity or not self.pool.num_free:
+            self.evict()  # the least recently used prefix makes room for this one
         return self.pool.acquire() if self.pool.num_free else None
 
     def put(self, ids: np.ndarray, slot: int, hidden: np.ndarray) -> None:

@@ -30,11 +30,13 @@ from .errors import InvalidArgument, LimitExceeded
 from .images import ImageLike, face_views, model_input, to_uint8
 from .kv_cache import kv_bytes_per_slot
 from .limits import Limits, check_float, check_int, check_limit, check_text
+from .memory import activation_bytes, parse_bytes
+from .memory import plan as plan_memory
 from .metrics import Metrics
 from .request import PRIORITY_ANALYSIS, PRIORITY_GENERATION, Request
 from .sampler import log_softmax
 from .scheduler import Scheduler
-from .sequence import GREEDY, SamplingParams, Sequence
+from .sequence import GREEDY, TOP_K, SamplingParams, Sequence
 from .tasks import Templates
 from .tokenizer import WordPieceTokenizer
 from .worker import Worker, then
@@ -101,11 +103,13 @@ class FaceModel:
         providers: list[str] | None = None,
         threads: int | None = None,
         decode: str = "auto",
-        num_slots: int = DEFAULT_SLOTS,
+        num_slots: int | None = None,
         progress: bool = True,
         limits: Limits | None = None,
         max_queue: int = 256,
         prefill_budget: int = 1024,
+        memory_budget: str | int | None = None,
+        step_timeout: float | None = 60.0,
     ):
         if not isinstance(model_dir, (str, os.PathLike)):
             raise InvalidArgument(f"model_dir must be a path, got {type(model_dir).__name__}")
@@ -124,7 +128,12 @@ class FaceModel:
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         max_len = min(self.config.lm.seq_length, self.config.lm.max_positions)
-        _check_cache_fits(check_int(num_slots, "num_slots", lo=1), self.config, max_len)
+        if num_slots is not None:
+            check_int(num_slots, "num_slots", lo=1)
+        budget = None if memory_budget is None else parse_bytes(memory_budget)
+        prefill_budget = check_int(prefill_budget, "prefill_budget", lo=1)
+        if step_timeout is not None:
+            step_timeout = check_float(step_timeout, "step_timeout", 0.0)
         self.tokenizer = WordPieceTokenizer(self.model_dir / VOCAB_FILE)
         self.backend = create_backend(
             backend, self.model_dir, self.config, precision=precision,
@@ -133,14 +142,22 @@ class FaceModel:
         )  # fmt: skip
         self.image_tokenizer = ImageTokenizer(self.backend, self.config, self.limits)
         self.templates = Templates(self.config, self.tokenizer)
-        self.engine = Engine(self.backend, num_slots, max_len)
+        kv = kv_bytes_per_slot(self.config.lm, max_len, self.backend.cache_dtype.itemsize)
+        # What the model holds: weights, one step's temporaries and the KV pool, which is
+        # allocated once here and never grows.
+        self.memory = plan_memory(
+            self.backend.weight_bytes, activation_bytes(self.config, prefill_budget, max_len), kv,
+            budget, num_slots if num_slots is not None or budget else DEFAULT_SLOTS,
+        )  # fmt: skip
+        _check_cache_fits(self.memory.slots, self.config, max_len)
+        self.engine = Engine(self.backend, self.memory.slots, max_len)
         self.metrics = Metrics()
         self.scheduler = Scheduler(
             self.engine.prefixes,
             max_queue=check_int(max_queue, "max_queue", lo=1),
-            prefill_budget=check_int(prefill_budget, "prefill_budget", lo=1),
+            prefill_budget=prefill_budget,
         )
-        self._worker = Worker(self.engine, self.scheduler, self.metrics)
+        self._worker = Worker(self.engine, self.scheduler, self.metrics, step_timeout)
         weakref.finalize(self, self._worker.close)  # a dropped model stops its threads
 
     def __repr__(self) -> str:
@@ -195,10 +212,32 @@ class FaceModel:
         deadline: float | None,
         on_step: Callable[[int], None] | None = None,
         continuation: bool = False,
+        images: np.ndarray | None = None,
+        views: list[int] | None = None,
     ) -> Future:
+        """Submit sequences as one request. `images` (V, 3, H, W), if given, are encoded on
+        the engine thread just before the request starts, view `views[i]`'s codes written into
+        `seqs[i]` (so admission, and a refusal, never wait for the VQGAN encoder)."""
         on_token = None if on_step is None else (lambda _index, _token: on_step(1))
         req = Request(task, seqs, finish, priority=priority, deadline=deadline, on_token=on_token)
+        if images is not None:
+            req.prepare, req.images = self._encoder(images, seqs, views), len(images)
         return self._worker.submit(req, continuation=continuation)
+
+    def _encoder(
+        self, images: np.ndarray, seqs: list[Sequence], views: list[int]
+    ) -> Callable[[], None]:
+        def prepare() -> None:
+            codes = self.backend.encode_images(images)  # (V, T)
+            for seq, v in zip(seqs, views):
+                self.templates.place_codes(seq, codes[v])
+
+        return prepare
+
+    def _blank_codes(self, n: int | None = None, view: int = 0) -> np.ndarray:
+        """Stand-in codes for a prompt built before its image is encoded: one value per view,
+        so that until then the scheduler still sees each view's prefix as a prefix of its own."""
+        return np.full(self.config.vqgan.num_codes_per_image if n is None else n, view, np.int64)
 
     def forward_logits(self, ids: Iterable[int], segs: Iterable[int]) -> np.ndarray:
         """Full prefix-LM forward, no cache: float32 [L, V]."""
@@ -218,7 +257,7 @@ class FaceModel:
         text: str,
         n: int = 1,
         seed: int | None = None,
-        top_k: int = 70,
+        top_k: int = TOP_K,
         top_p: float = 0.0,
         temperature: float = 1.0,
         candidates: int | None = None,
@@ -250,7 +289,7 @@ class FaceModel:
         keep_rows: int,
         n: int = 1,
         seed: int | None = None,
-        top_k: int = 70,
+        top_k: int = TOP_K,
         top_p: float = 0.0,
         temperature: float = 1.0,
         candidates: int | None = None,
@@ -264,10 +303,10 @@ class FaceModel:
         arguments are generate_faces's, best of `candidates` included."""
         side = self.config.vqgan.latent_size
         keep_rows = check_int(keep_rows, "keep_rows", 0, side - 1)
-        kept = self.image_tokenizer.encode([image])[0][: keep_rows * side]  # (keep_rows * side,)
+        x = self.image_tokenizer.model_input([image])  # (1, 3, H, W)
         return self._draw(
             text, n, seed, top_k, top_p, temperature, candidates, on_step, priority, deadline_s,
-            kept,
+            (x, keep_rows * side),
         )  # fmt: skip
 
     def _draw(
@@ -282,10 +321,11 @@ class FaceModel:
         on_step: Callable[[int], None] | None,
         priority: int | None,
         deadline_s: float | None,
-        kept: np.ndarray | None = None,
+        kept: tuple[np.ndarray, int] | None = None,
     ) -> Future:
         """n faces, each the best of `candidates` drawings (candidate k of face i samples with
-        Philox stream i * candidates + k, so face i of a seed is the same whatever n is)."""
+        Philox stream i * candidates + k, so face i of a seed is the same whatever n is).
+        `kept`: an edit's face (1, 3, H, W) and how many of its first codes every drawing keeps."""
         text = check_text(text, "text", self.limits.max_text_chars)
         n = check_limit(n, "n", self.limits.max_faces, "max_faces")
         candidates = self._candidates(candidates)
@@ -293,12 +333,15 @@ class FaceModel:
         if on_step is not None and not callable(on_step):
             raise InvalidArgument("on_step must be a callable or None")
         priority, deadline = _policy(priority, deadline_s, PRIORITY_GENERATION)
+        face, keep = (None, 0) if kept is None else kept
+        blank = None if kept is None else self._blank_codes(keep)
         drawings = [
-            self.templates.to_image(text, params, stream=i * candidates + k, kept=kept)
+            self.templates.to_image(text, params, stream=i * candidates + k, kept=blank)
             for i in range(n)
             for k in range(candidates)
         ]
-        drawn = self._request("generate", drawings, list, priority, deadline, on_step)
+        drawn = self._request("generate", drawings, list, priority, deadline, on_step,
+                              images=face, views=[0] * len(drawings))  # fmt: skip
         if candidates == 1:
             return then(drawn, self._faces)
         t = self.templates
@@ -353,7 +396,7 @@ class FaceModel:
         image: ImageLike,
         seed: int | None = None,
         greedy: bool = True,
-        top_k: int = 70,
+        top_k: int = TOP_K,
         top_p: float = 0.0,
         temperature: float = 1.0,
         priority: int | None = None,
@@ -368,11 +411,13 @@ class FaceModel:
             raise InvalidArgument("on_text must be a callable or None")
         params = GREEDY if greedy else _params(seed, top_k, top_p, temperature)
         priority, deadline = _policy(priority, deadline_s, PRIORITY_ANALYSIS)
-        seq = self.templates.to_caption(self.image_tokenizer.encode([image])[0], params)
+        x = self.image_tokenizer.model_input([image])  # (1, 3, H, W)
+        seq = self.templates.to_caption(self._blank_codes(), params)
         text_of = self.templates.text_of
         on_token = None if on_text is None else (lambda _index, _token: on_text(text_of(seq)))
         req = Request("caption", [seq], lambda seqs: text_of(seqs[0]), priority=priority,
-                      deadline=deadline, on_token=on_token)  # fmt: skip
+                      deadline=deadline, on_token=on_token, prepare=self._encoder(x, [seq], [0]),
+                      images=1)  # fmt: skip
         return self._worker.submit(req)
 
     def stream_caption(self, image: ImageLike, **options: Any) -> Iterator[str]:
@@ -425,20 +470,21 @@ class FaceModel:
         vqgan = self.config.vqgan
         x = self.image_tokenizer.model_input([image])  # (1, 3, H, W)
         shift = max(1, vqgan.resolution // vqgan.latent_size // 4)  # a quarter code cell
-        codes = self.image_tokenizer.encode(face_views(x, n_views, shift))  # (V, T)
+        x = face_views(x, n_views, shift)  # (V, 3, H, W)
         t = self.templates
         if mode == "generate":
-            seqs = [t.to_attribute(codes[0], n) for n in names]
+            seqs = [t.to_attribute(self._blank_codes(), n) for n in names]
             return self._request("attributes", seqs, lambda seqs: {
                 n: {"value": t.text_of(s), "prob": float(np.exp(sum(s.logprobs)))}
                 for n, s in zip(names, seqs)
-            }, priority, deadline)  # fmt: skip
+            }, priority, deadline, images=x, views=[0] * len(seqs))  # fmt: skip
         questions = [(n, v) for n in names for v in known[n]]
         seqs = [
-            t.to_attribute(view, n, forced=t.candidate_ids(v))
-            for view in codes
+            t.to_attribute(self._blank_codes(view=view), n, forced=t.candidate_ids(v))
+            for view in range(n_views)
             for n, v in questions
         ]
+        views = [v for v in range(n_views) for _ in questions]
 
         def answers(seqs: list[Sequence]) -> dict[str, dict[str, Any]]:
             logprobs = np.array([sum(s.logprobs) for s in seqs]).reshape(n_views, len(questions))
@@ -456,7 +502,8 @@ class FaceModel:
                 start += len(values)
             return out
 
-        return self._request("attributes", seqs, answers, priority, deadline)
+        return self._request("attributes", seqs, answers, priority, deadline, images=x,
+                             views=views)  # fmt: skip
 
     def _names(self, names: str | Iterable[str]) -> list[str]:
         """Attribute names as given: a comma-separated str or an iterable of str."""
@@ -480,6 +527,20 @@ class FaceModel:
 
     def _views(self, views: int | None) -> int:
         return self.config.reading_views if views is None else check_views(views)
+
+    def reading_quality(self, image: ImageLike) -> dict[str, Any]:
+        """How far to trust what the model reads from a face -> {"score", "threshold",
+        "reliable"}. score: PSNR in dB of the face (at the model's resolution) through the
+        model's VQGAN, encoded and decoded; higher = more like the model's training faces.
+        reliable: score >= threshold, the model's calibration on held-out faces (facert.json's
+        reading_calibration); both None when the model has none. One VQGAN encode and decode."""
+        from .reading_quality import reading, vqgan_psnr
+
+        x = self.image_tokenizer.model_input([image])  # (1, 3, H, W)
+        score = vqgan_psnr(
+            x, self.config.image_scaling, self.backend.encode_images, self.backend.decode_images
+        )[0]
+        return reading(score, self.config.reading_calibration)
 
 
 # top_k at or above a window's size keeps every id; larger values mean the same.

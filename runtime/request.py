@@ -32,6 +32,10 @@ class Request:
     priority: int = PRIORITY_ANALYSIS
     deadline: float | None = None  # time.monotonic() by which the result is due
     on_token: Callable[[int, int], None] | None = None  # (sequence index, token id), streaming
+    # Work the engine thread does just before the first prefill: encode the request's images
+    # (`images` of them) and write their codes into its prompts. Admission never waits for it.
+    prepare: Callable[[], None] | None = None
+    images: int = 0
     future: Future = field(default_factory=Future)
     arrival: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_ids))

@@ -24,14 +24,17 @@ from .request import PRIORITY_ANALYSIS, Request
 from .sequence import Sequence
 
 # Free text (captions, generate-mode answers) usually stops at [SEP] long before its room runs
-# out; the cost model counts this many tokens for such a row.
+# out; the cost model counts this many tokens for such a row until it has seen some finish.
 EXPECTED_TEXT_TOKENS = 24
 
 
 @dataclass
 class StepCost:
-    """Seconds a step takes, learnt online: decode ~ a + b * rows, prefill ~ c * tokens.
-    Exponentially weighted least squares, so it follows the machine's current speed."""
+    """Seconds a step takes, learnt online: decode ~ a + b * rows, prefill ~ c * tokens, the
+    encoder ~ d * images (exponentially weighted, so it follows the machine's current speed);
+    how long free text runs; and the share of the engine's time that prompts and encoding take
+    (`stall_share`), which stalls every running row and which arrivals to come will take
+    again."""
 
     decay: float = 0.98
     _n: float = 0.0
@@ -40,6 +43,10 @@ class StepCost:
     _xx: float = 0.0
     _xy: float = 0.0
     prefill_per_token: float = 0.0
+    encode_per_image: float = 0.0
+    text_tokens: float = EXPECTED_TEXT_TOKENS
+    _stalled: float = 0.0
+    _stepped: float = 0.0
 
     def observe_decode(self, rows: int, seconds: float) -> None:
         d = self.decay
@@ -47,9 +54,29 @@ class StepCost:
         self._xx, self._xy = d * self._xx + rows * rows, d * self._xy + rows * seconds
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        per_token = seconds / max(tokens, 1)
-        p = self.prefill_per_token
-        self.prefill_per_token = per_token if p == 0 else 0.9 * p + 0.1 * per_token
+        self.prefill_per_token = _follow(self.prefill_per_token, seconds / max(tokens, 1))
+
+    def observe_prepare(self, images: int, seconds: float) -> None:
+        if images:
+            self.encode_per_image = _follow(self.encode_per_image, seconds / images)
+
+    def observe_text(self, tokens: int) -> None:
+        self.text_tokens = 0.9 * self.text_tokens + 0.1 * tokens
+
+    def observe_step(self, stalled: float, seconds: float) -> None:
+        """A step of `seconds` in all, `stalled` of them prompts and encoding."""
+        self._stalled = self.decay * self._stalled + stalled
+        self._stepped = self.decay * self._stepped + seconds
+
+    @property
+    def stall_share(self) -> float:
+        return self._stalled / self._stepped if self._stepped else 0.0
+
+    def expected_steps(self, seq: Sequence) -> int:
+        if seq.forced is None and seq.stop_id is not None:
+            expected = math.ceil(self.text_tokens) - len(seq.generated)
+            return min(seq.tokens_left, max(1, expected))
+        return seq.tokens_left
 
     def decode_seconds(self, rows: int) -> float:
         """Predicted seconds of a decode step of `rows` rows; 0 before any step was seen."""
@@ -63,10 +90,19 @@ class StepCost:
         return max(0.0, mean_y + slope * (rows - mean_x))
 
 
-def expected_steps(seq: Sequence) -> int:
-    if seq.forced is None and seq.stop_id is not None:
-        return min(seq.tokens_left, max(1, EXPECTED_TEXT_TOKENS - len(seq.generated)))
-    return seq.tokens_left
+def _follow(mean: float, value: float) -> float:
+    """A running mean that follows the machine's current speed."""
+    return value if mean == 0 else 0.9 * mean + 0.1 * value
+
+
+def prompt_tokens(seqs: list[Sequence]) -> int:
+    """Prompt tokens the engine computes for one request's sequences: a shared prefix once, and
+    each distinct prompt's own rest once (the candidate answers to one question share it)."""
+    shared = [s for s in seqs if s.shared_prefix]
+    prefixes = {s.prompt_ids[: s.shared_prefix].tobytes(): s.shared_prefix for s in shared}
+    rests = {s.prompt_ids.tobytes(): len(s.prompt_ids) - s.shared_prefix for s in shared}
+    alone = sum(len(s.prompt_ids) for s in seqs if not s.shared_prefix)
+    return sum(prefixes.values()) + sum(rests.values()) + alone
 
 
 @dataclass
@@ -138,22 +174,30 @@ class Scheduler:
             return 0.0
         behind = sum(1 for r in self.active if r not in ahead
                      for s in r.seqs[: r.started] if not s.done)  # fmt: skip
-        work = sum(expected_steps(s) for s in seqs)
+        work = sum(self.cost.expected_steps(s) for s in seqs)
         slots = max(1, self.pool.num_slots - behind)
-        depth = max((expected_steps(s) for r in mine for s in r.seqs), default=0)
+        depth = max((self.cost.expected_steps(s) for r in mine for s in r.seqs), default=0)
         steps = max(depth, math.ceil(work / min(slots, len(seqs))))
         rows = min(self.pool.num_slots, len(seqs) + behind)
-        prompts = sum(len(s.prompt_ids) for r in ahead + mine for s in r.waiting)
-        return steps * self.cost.decode_seconds(rows) + prompts * self.cost.prefill_per_token
+        prompts = sum(prompt_tokens(r.waiting) for r in ahead + mine)
+        images = sum(r.images for r in ahead + mine if r.prepare is not None)
+        # decode steps go on only between the prompts of requests yet to arrive
+        stalled = 1.0 - min(self.cost.stall_share, 0.9)
+        return (
+            steps * self.cost.decode_seconds(rows) / stalled
+            + prompts * self.cost.prefill_per_token
+            + images * self.cost.encode_per_image
+        )
 
     # -- the worker's side ------------------------------------------------------------------
 
     def expired(self, now: float) -> list[Request]:
-        """Requests past their deadline or cancelled by their caller: dropped, slots freed."""
+        """Requests past their deadline, or whose future is already done (cancelled by the
+        caller, failed by the watchdog): dropped, slots freed."""
         gone = [
             r
             for r in self.requests()
-            if r.future.cancelled() or (r.deadline is not None and now > r.deadline)
+            if r.future.done() or (r.deadline is not None and now > r.deadline)
         ]
         for r in gone:
             self.drop(r)
@@ -166,13 +210,23 @@ class Scheduler:
         budget = self.prefill_budget
         for req in list(self.queue):
             reserve = 0 if req.priority <= PRIORITY_ANALYSIS else self.reserved_slots
-            while req.waiting and self._free_slots() > reserve:
+            shares = bool(req.waiting and req.waiting[0].shared_prefix and self.prefixes.capacity)
+            if shares and not req.started and len(req.waiting) > self._free_slots() - reserve:
+                reserve += 1  # a slot for the prefix cache: the rest start later from it
+            # the rest of a request already started branch from its cached prefix: keep it
+            keep_cached = shares and req.started > 0
+            starting: list[Sequence] = []  # this request's sequences starting in this step
+            while req.waiting and self._free_slots(keep_cached) > reserve:
                 seq = req.waiting[0]
-                if batch.prefill and len(seq.prompt_ids) > budget:
+                # what starting it adds: its whole prompt, or only its own question when it
+                # shares a prefix (or the whole prompt) with a sequence starting beside it
+                cost = prompt_tokens([*starting, seq]) - prompt_tokens(starting)
+                if batch.prefill and cost > budget:
                     return batch
                 seq.slot = self.prefixes.acquire()
                 req.started += 1
-                budget -= len(seq.prompt_ids)
+                budget -= cost
+                starting.append(seq)
                 batch.prefill.append(seq)
                 if req not in self.active:
                     self.active.append(req)
@@ -180,9 +234,9 @@ class Scheduler:
                 self.queue.remove(req)
         return batch
 
-    def _free_slots(self) -> int:
+    def _free_slots(self, keep_cached: bool = False) -> int:
         """Slots a sequence could take now: free ones and those the prefix cache keeps."""
-        return self.pool.num_free + len(self.prefixes)
+        return self.pool.num_free + (0 if keep_cached else len(self.prefixes))
 
     def retire(self) -> list[Request]:
         """Free the slots of finished sequences; returns the requests now complete."""
@@ -191,6 +245,8 @@ class Scheduler:
             for s in req.seqs[: req.started]:
                 if s.done and s.slot >= 0:
                     self._release(s)
+                    if s.forced is None and s.stop_id is not None:
+                        self.cost.observe_text(len(s.generated))
             if req.done:
                 self.active.remove(req)
                 finished.append(req)

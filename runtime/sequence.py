@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+TOP_K = 70  # the reference's default top-k, everywhere a call does not say otherwise
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -13,7 +15,7 @@ class SamplingParams:
     temperature 1, top_k 70, top_p 0)."""
 
     temperature: float = 1.0
-    top_k: int = 70
+    top_k: int = TOP_K
     top_p: float = 0.0
     seed: int = 0
 
@@ -40,6 +42,10 @@ class Sequence:
     # Leading prompt ids (all segment 1) that other sequences share, e.g. every question about
     # one face: prefilled once and copied (kv_cache.PrefixCache); 0 = prefill the whole prompt.
     shared_prefix: int = 0
+    # Prompt positions [start, stop) that hold image codes: FaceModel builds a request's
+    # sequences before its image is encoded and the engine thread writes the codes there
+    # (Templates.place_codes) just before the first prefill.
+    image_span: tuple[int, int] | None = None
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # of each generated id, in its window
     slot: int = -1

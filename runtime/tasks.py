@@ -68,7 +68,14 @@ class Templates:
             max_new_tokens=n_codes - len(kept_ids),
             params=params,
             stream=stream,
+            image_span=(len(ids), len(ids) + len(kept_ids)),
         )
+
+    def place_codes(self, seq: Sequence, codes: np.ndarray) -> None:
+        """Write a face's codes (the first ones, as many as the prompt holds) into the prompt
+        positions a template left for them."""
+        start, stop = seq.image_span
+        seq.prompt_ids[start:stop] = codes[: stop - start] + self.config.lm.text_vocab_size
 
     def codes_of(self, seq: Sequence) -> np.ndarray:
         """A drawing's image codes: any kept in its prompt (segment 2), then those drawn."""
@@ -90,7 +97,13 @@ class Templates:
 
     def to_caption(self, codes: np.ndarray, params: SamplingParams, stream: int = 0) -> Sequence:
         ids = [*self._head("to_caption"), *self._image_part(codes)]
-        return self._text_sequence(ids, np.ones(len(ids), dtype=np.int64), params, stream)
+        seq = self._text_sequence(ids, np.ones(len(ids), dtype=np.int64), params, stream)
+        seq.image_span = self._image_span("to_caption", codes)
+        return seq
+
+    def _image_span(self, task: str, codes: np.ndarray) -> tuple[int, int]:
+        start = len(self._head(task))
+        return start, start + len(codes)
 
     def to_attribute(
         self,
@@ -108,6 +121,7 @@ class Templates:
         segs = np.array([1] * len(prefix) + [2] * len(question), dtype=np.int64)
         seq = self._text_sequence(ids, segs, params, 0, forced)
         seq.shared_prefix = len(prefix)  # every question about this face starts the same
+        seq.image_span = self._image_span("to_attributes", codes)
         return seq
 
     def _text_sequence(

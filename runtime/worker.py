@@ -7,7 +7,9 @@ Callers never touch the engine. `submit` decides admission at once, on the calle
 (`Request.finish`, e.g. the VQGAN drawing the faces) on a second thread, so turning codes into
 pixels never holds up the next decode step. A backend error fails only the requests with rows
 in that step; if the thread itself dies, every waiting caller gets the error and later calls
-are refused with it, never a silent hang.
+are refused with it, never a silent hang. A watchdog thread does the same for a step that runs
+past `step_timeout` (a hung driver, a deadlocked callback): every waiting caller is failed and
+new calls are refused until the step returns.
 """
 
 from __future__ import annotations
@@ -26,16 +28,30 @@ from .scheduler import Batch, Scheduler
 
 
 class Worker:
-    def __init__(self, engine: Engine, scheduler: Scheduler, metrics: Metrics):
+    def __init__(
+        self,
+        engine: Engine,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        step_timeout: float | None = 60.0,
+    ):
+        """step_timeout: seconds one step may run before the engine counts as stuck (None:
+        never)."""
         self.engine, self.scheduler, self.metrics = engine, scheduler, metrics
+        self.step_timeout = step_timeout
         self._cv = threading.Condition()
         self._closing = False
         self._finishing = 0  # results being made; each may still submit a continuation
         self._failure: BaseException | None = None
         self.last_step_at = time.monotonic()
+        self._step_started: float | None = None  # when the running step began
+        self._stuck = False
+        self._closed = threading.Event()  # the engine thread has stopped: the watchdog stops
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="facert-finish")
         self._thread = threading.Thread(target=self._loop, name="facert-engine", daemon=True)
         self._thread.start()
+        if step_timeout is not None:
+            threading.Thread(target=self._watch, name="facert-watchdog", daemon=True).start()
 
     def submit(self, req: Request, continuation: bool = False) -> Future:
         """Admit a request (or raise FacertOverloaded / DeadlineExceeded / EngineFailure).
@@ -46,6 +62,8 @@ class Worker:
                 raise EngineFailure(f"the engine thread stopped: {self._failure!r}")
             if self._closing and not continuation:
                 raise EngineFailure("this model is closed")
+            if self._stuck:
+                raise EngineFailure(self._stuck_message())
             if not self._thread.is_alive():  # e.g. a child forked after the model was loaded
                 raise EngineFailure(
                     "this model's engine thread is not running in this process (was it forked "
@@ -66,8 +84,10 @@ class Worker:
         with self._cv:
             busy = self.scheduler.has_work()
             waiting = len(self.scheduler.queue)
+            stuck = self._stuck
         return {
             "alive": self._thread.is_alive() and self._failure is None,
+            "stuck": stuck,
             "busy": busy,
             "waiting": waiting,
             "seconds_since_step": time.monotonic() - self.last_step_at,
@@ -99,8 +119,9 @@ class Worker:
                     gone = self.scheduler.expired(now)
                     batch = self.scheduler.schedule()
                     self.metrics.set("queue_depth", len(self.scheduler.queue))
-                    self.metrics.set("slots_in_use", self.engine.pool.num_slots
-                                     - self.engine.pool.num_free)  # fmt: skip
+                    pool, kept = self.engine.pool, len(self.engine.prefixes)
+                    self.metrics.set("slots_in_use", pool.num_slots - pool.num_free - kept)
+                    self.metrics.set("prefix_cache_slots", kept)
                 for req in gone:
                     self._fail_expired(req, now)
                 for req in self._owners({id(s) for s in batch.prefill}):
@@ -122,24 +143,29 @@ class Worker:
                     self.scheduler.drop(req)
             for req in stranded:
                 _set_exception(req.future, EngineFailure(f"the engine thread stopped: {e!r}"))
+        finally:
+            self._closed.set()
 
     def _step(self, batch: Batch) -> None:
         """New prompts, then one decode step for every running row. A failure fails only the
         requests with rows in the failing call."""
         start = time.monotonic()
+        with self._cv:
+            self._step_started = start
         before = {id(s): len(s.generated) for s in batch.prefill + batch.decode}
         with self.engine.exclusive():
+            self._prepare(batch)
             if batch.prefill:
+                prefill_start = time.monotonic()
                 try:
-                    self.engine.prefill(batch.prefill)
+                    tokens = self.engine.prefill(batch.prefill)
                 except Exception as e:
                     self._fail_rows(batch.prefill, e)
                 else:
-                    tokens = sum(len(s.prompt_ids) for s in batch.prefill)
-                    self.scheduler.cost.observe_prefill(tokens, time.monotonic() - start)
+                    self.scheduler.cost.observe_prefill(tokens, time.monotonic() - prefill_start)
             running = [s for s in batch.decode + batch.prefill if s.slot >= 0 and not s.done]
+            decode_start = time.monotonic()
             if running:
-                decode_start = time.monotonic()
                 try:
                     self.engine.decode(running)
                 except Exception as e:
@@ -148,12 +174,54 @@ class Worker:
                     self.scheduler.cost.observe_decode(
                         len(running), time.monotonic() - decode_start
                     )
-        self.last_step_at = time.monotonic()
+            self.scheduler.cost.observe_step(decode_start - start, time.monotonic() - start)
+        with self._cv:
+            self.last_step_at, self._step_started = time.monotonic(), None
+            if self._stuck:  # the step came back: serve again (its requests were failed)
+                self._stuck = False
+                self.metrics.count("recovered", "stuck_step")
         self.metrics.set("prefix_cache_hits", self.engine.prefixes.hits)
         self.metrics.set("prefix_cache_misses", self.engine.prefixes.misses)
         self.metrics.observe("step_seconds", self.last_step_at - start)
         self.metrics.observe("rows_per_step", batch.rows)
         self._report_tokens(batch, before)
+
+    def _prepare(self, batch: Batch) -> None:
+        """Encode the images of requests starting now (each request's own encoder call, so
+        its codes never depend on what else arrived); one that fails loses its rows."""
+        for req in self._owners({id(s) for s in batch.prefill}):
+            if req.prepare is None:
+                continue
+            start = time.monotonic()
+            try:
+                req.prepare()
+            except Exception as e:
+                self._fail_rows(req.seqs, e)
+            else:
+                self.scheduler.cost.observe_prepare(req.images, time.monotonic() - start)
+            req.prepare = None
+        batch.prefill = [s for s in batch.prefill if s.slot >= 0]
+
+    def _watch(self) -> None:
+        """The watchdog: a step past step_timeout fails every waiting caller at once (their
+        requests are dropped when the step returns) and refuses new ones until it does."""
+        while not self._closed.wait(min(1.0, self.step_timeout / 4)):
+            with self._cv:
+                started = self._step_started
+                if self._stuck or started is None:
+                    continue
+                if time.monotonic() - started > self.step_timeout:
+                    self._stuck = True
+                    self.metrics.count("failed", "stuck_step")
+                    for req in self.scheduler.requests():
+                        _set_exception(req.future, EngineFailure(self._stuck_message()))
+
+    def _stuck_message(self) -> str:
+        running = time.monotonic() - (self._step_started or time.monotonic())
+        return (
+            f"the engine has been running one step for {running:.0f} s (step_timeout "
+            f"{self.step_timeout:g} s): the backend is stuck; see health()"
+        )
 
     def _report_tokens(self, batch: Batch, before: dict[int, int]) -> None:
         """First-token times, token counts and streaming callbacks for the tokens this step
@@ -200,6 +268,8 @@ class Worker:
     def _fail_expired(self, req: Request, now: float) -> None:
         if req.future.cancelled():
             self.metrics.count("cancelled", "caller")
+            return
+        if req.future.done():  # failed by the watchdog, counted there
             return
         self.metrics.count("cancelled", "deadline")
         late = now - req.deadline

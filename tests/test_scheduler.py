@@ -19,6 +19,7 @@ from facert.runtime.errors import (
     InvalidArgument,
 )
 from facert.runtime.kv_cache import PrefixCache, SlotPool
+from facert.runtime.memory import MAX_SLOTS
 from facert.runtime.request import Request
 from facert.runtime.scheduler import Scheduler
 from facert.runtime.sequence import GREEDY, Sequence
@@ -289,7 +290,8 @@ def test_a_caption_streams_as_it_is_written(tiny_model_dir):
 def test_questions_about_one_face_share_its_prefill(tiny_model_dir, backend):
     """Every question and candidate answer about a face branch from one prefill of
     `[CLS] to attributes [SEP] codes [SEP]`: the scores equal independent prefills, and the
-    same face asked again computes no prefix at all (the prefix cache)."""
+    same face asked again computes no prefix at all (the prefix cache); each question's own
+    tokens are computed once for all its candidate answers."""
     m = _load(tiny_model_dir, backend)
     t = m.templates
     codes = m.image_tokenizer.encode([np.full((32, 32, 3), 90, np.uint8)])[0]
@@ -315,7 +317,9 @@ def test_questions_about_one_face_share_its_prefill(tiny_model_dir, backend):
         np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
         assert c.logprobs == b.logprobs
     prefix = shared[0].shared_prefix
-    questions = sum(len(s.prompt_ids) - prefix for s in shared)
+    asked = {s.prompt_ids.tobytes(): len(s.prompt_ids) for s in shared}  # each question once
+    questions = sum(n - prefix for n in asked.values())
+    assert len(asked) == 2 and questions < sum(len(s.prompt_ids) - prefix for s in shared)
     prefills = [e.tokens for e in events if e.kind == "prefill"]
     assert prefills == [prefix + questions, questions]  # once, then not at all
     assert m.engine.prefixes.hits >= 1 and m.engine.idle
@@ -344,3 +348,72 @@ def test_a_forked_child_is_told_the_engine_is_not_running(tiny_model_dir):
     assert "engine thread is not running" in queue.get(timeout=30)
     p.join(30)
     assert isinstance(m.caption(face), str)  # the parent's model goes on
+
+
+def test_a_refused_request_never_runs_the_image_encoder(tiny_model_dir):
+    """Admission comes before the VQGAN encoder: the image of a request refused for overload
+    or for its deadline is never encoded (the encoder runs on the engine thread, just before
+    the request's first prefill)."""
+    m = _load(tiny_model_dir, num_slots=1, max_queue=1)
+    face = m.generate_faces("a face", n=1, seed=3, candidates=1)[0]
+    encoded = []
+    encode = m.backend.encode_images
+    m.backend.encode_images = lambda images: encoded.append(len(images)) or encode(images)
+    started = threading.Event()
+    drawing = m.submit("generate_faces", TEXT, n=1, seed=0, candidates=1,
+                       on_step=lambda k: started.set())  # fmt: skip
+    assert started.wait(30)
+    queued = m.submit("caption", face)  # waits behind the drawing for the one slot
+    with pytest.raises(FacertOverloaded):
+        m.submit("attributes", face, "gender", views=4)
+    drawing.result(timeout=60)
+    caption = queued.result(timeout=60)
+    with pytest.raises(DeadlineExceeded):
+        m.submit("caption", face, deadline_s=0.0)
+    assert caption == m.caption(face)
+    assert encoded == [1, 1]  # the two captions that ran, one image each
+
+
+def test_a_stuck_step_fails_every_waiting_caller_then_the_model_recovers(tiny_model_dir):
+    m = _load(tiny_model_dir, step_timeout=0.3)
+    face = m.generate_faces("a face", n=1, seed=3, candidates=1)[0]
+    expected = m.caption(face)
+    release = threading.Event()
+
+    def hang_once(event):
+        m.engine.observers.remove(hang_once)
+        release.wait(30)
+
+    m.engine.observers.append(hang_once)
+    stuck = m.submit("caption", face)
+    with pytest.raises(EngineFailure, match="stuck"):
+        stuck.result(timeout=10)
+    assert m.health()["stuck"]
+    with pytest.raises(EngineFailure, match="stuck"):
+        m.caption(face)
+    release.set()
+    end = time.monotonic() + 10
+    while m.health()["stuck"] and time.monotonic() < end:
+        time.sleep(0.01)
+    assert m.caption(face) == expected
+    assert _pool_free(m)
+    assert m.metrics.snapshot()["counters"]["failed"]["stuck_step"] == 1
+
+
+def test_a_memory_budget_sizes_the_cache_and_refuses_below_the_minimum(tiny_model_dir):
+    plain = _load(tiny_model_dir)
+    p = plain.memory
+    assert p.slots == 16 and p.weights == plain.backend.weight_bytes > 0
+    assert plain.backend.k_cache.nbytes + plain.backend.v_cache.nbytes == p.cache
+    budget = p.weights + p.activations + 5 * p.kv_per_slot + p.kv_per_slot // 2
+    m = _load(tiny_model_dir, memory_budget=budget)
+    assert m.memory.slots == m.engine.pool.num_slots == 5 and m.memory.total <= budget
+    assert _load(tiny_model_dir, memory_budget=budget, num_slots=3).memory.slots == 3
+    assert m.caption(m.generate_faces(TEXT, n=1, seed=0, candidates=1)[0])
+    minimum = p.weights + p.activations + p.kv_per_slot
+    with pytest.raises(InvalidArgument, match=f"minimum of {minimum / 2**20:.1f} MiB"):
+        _load(tiny_model_dir, memory_budget=minimum - 1)
+    for bad in ("lots", "-1GiB", "2 parsecs", 0, 1.5, "1.2.3MiB"):
+        with pytest.raises(InvalidArgument, match="memory_budget"):
+            _load(tiny_model_dir, memory_budget=bad)
+    assert _load(tiny_model_dir, memory_budget="1GiB").memory.slots == MAX_SLOTS

@@ -21,17 +21,23 @@ import argparse
 import shutil
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import load_file, save_file
 
+import facert
 from facert import BUNDLED_MODEL
 from facert.export.onnx_export import export_engine
 from facert.runtime.config import LM_FILE, VOCAB_FILE, VQGAN_FILE, write_config
+from facert.runtime.images import scale_pixels
+from facert.runtime.model import FaceModel
+from facert.runtime.reading_quality import calibrate, vqgan_psnr
 
 from . import classifier, lm, vqgan
-from .data import vocabulary
+from .data import EVAL_SEED, faces, vocabulary
 
 WORK = Path.home() / ".cache" / "facert" / "train-synth"
 EVAL_DIR = "eval"
+CALIBRATION_FACES = 1000  # held-out faces (EVAL_SEED 0..999) that set the reading threshold
 
 
 def write_float16(source: Path, target: Path) -> None:
@@ -51,9 +57,25 @@ def write_model_dir(work: Path, out: Path) -> None:
     shutil.copyfile(work / VOCAB_FILE, out / VOCAB_FILE)
     for name, source in ((LM_FILE, lm.WEIGHTS), (VQGAN_FILE, vqgan.WEIGHTS)):
         write_float16(work / source, out / name)
-    write_config(out, lm.bundled_config(len(vocab)))
+    config = lm.bundled_config(len(vocab))
+    write_config(out, config)
     shutil.copyfile(work / classifier.ONNX_FILE, out / EVAL_DIR / classifier.ONNX_FILE)
     export_engine(out, out / "onnx" / "fp32", "fp32")
+    with facert.load(out, progress=False) as model:
+        config.reading_calibration = calibrate(held_out_scores(model))
+    write_config(out, config)
+    export_engine(out, out / "onnx" / "fp32", "fp32")  # facert.json is part of its source hash
+
+
+def held_out_scores(model: FaceModel) -> np.ndarray:
+    """The reading score (reading_quality.vqgan_psnr) of each held-out calibration face."""
+    size, scaling = model.config.vqgan.resolution, model.config.image_scaling
+    images, _ = faces(EVAL_SEED, range(CALIBRATION_FACES), size)
+    encode, decode = model.backend.encode_images, model.backend.decode_images
+    return np.concatenate([
+        vqgan_psnr(scale_pixels(images[i : i + 200], scaling), scaling, encode, decode)
+        for i in range(0, CALIBRATION_FACES, 200)
+    ])  # fmt: skip
 
 
 def build(work: Path = WORK, out: Path = BUNDLED_MODEL) -> None:

@@ -9,6 +9,8 @@ import numpy as np
 
 class Backend(Protocol):
     name: str
+    weight_bytes: int  # the weights as this backend holds them (every copy it keeps)
+    cache_dtype: np.dtype  # of the KV cache's keys and values
 
     def allocate(self, num_slots: int, max_len: int) -> None:
         """Create the static KV cache: `num_slots` sequences of up to `max_len` positions."""

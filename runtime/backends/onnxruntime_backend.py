@@ -89,6 +89,9 @@ class OnnxRuntimeBackend:
             # weight bytes are freed once the sessions have copied them
             session.disable_fallback()
         self.float_dtype = self._dtype("lm_prefill", "present_key_0")
+        self.cache_dtype = self.float_dtype
+        self.weight_bytes = len(engine.weights) + (fused_decoder.weight_bytes if fused_decoder
+                                                   else 0)  # fmt: skip
         self.k_cache = self.v_cache = None
         self._bindings = {}
 

@@ -29,6 +29,9 @@ class TorchBackend:
         self.vqgan.load_state_dict(_tensors(Path(model_dir) / VQGAN_FILE))
         self.lm.to(self.device).eval()
         self.vqgan.to(self.device).eval()
+        self.cache_dtype = np.dtype(np.float32)
+        self.weight_bytes = sum(t.nbytes for m in (self.lm, self.vqgan)
+                                for t in (*m.parameters(), *m.buffers()))  # fmt: skip
         self.k_cache = self.v_cache = None
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
