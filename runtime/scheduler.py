@@ -29,12 +29,9 @@ EXPECTED_TEXT_TOKENS = 24
 
 
 @dataclass
-class StepCost:
-    """Seconds a step takes, learnt online: decode ~ a + b * rows, prefill ~ c * tokens, the
-    encoder ~ d * images (exponentially weighted, so it follows the machine's current speed);
-    how long free text runs; and the share of the engine's time that prompts and encoding take
-    (`stall_share`), which stalls every running row and which arrivals to come will take
-    again."""
+class LinearFit:
+    """y ~ a + b * x by exponentially weighted least squares (b >= 0), so it follows the
+    machine's current speed; 0 before anything was seen."""
 
     decay: float = 0.98
     _n: float = 0.0
@@ -42,19 +39,42 @@ class StepCost:
     _y: float = 0.0
     _xx: float = 0.0
     _xy: float = 0.0
-    prefill_per_token: float = 0.0
+
+    def observe(self, x: float, y: float) -> None:
+        d = self.decay
+        self._n, self._x, self._y = d * self._n + 1, d * self._x + x, d * self._y + y
+        self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * y
+
+    def __call__(self, x: float) -> float:
+        if self._n == 0:
+            return 0.0
+        mean_x, mean_y = self._x / self._n, self._y / self._n
+        var = self._xx / self._n - mean_x**2
+        slope = max(0.0, (self._xy / self._n - mean_x * mean_y) / var) if var > 1e-9 else 0.0
+        return max(0.0, mean_y + slope * (x - mean_x))
+
+
+@dataclass
+class StepCost:
+    """Seconds the engine's work takes, learnt online: a decode step by its rows, a prefill
+    call by the prompt tokens it computes (copying a cached prefix and the text head cost
+    something even when few tokens are new), the encoder per image; how long free text runs;
+    and the share of the engine's time that prompts and encoding take (`stall_share`), which
+    stalls every running row and which arrivals to come will take again."""
+
+    decay: float = 0.98
+    decode_seconds: LinearFit = field(default_factory=LinearFit)  # (rows) -> seconds
+    prefill_seconds: LinearFit = field(default_factory=LinearFit)  # (tokens) -> seconds
     encode_per_image: float = 0.0
     text_tokens: float = EXPECTED_TEXT_TOKENS
     _stalled: float = 0.0
     _stepped: float = 0.0
 
     def observe_decode(self, rows: int, seconds: float) -> None:
-        d = self.decay
-        self._n, self._x, self._y = d * self._n + 1, d * self._x + rows, d * self._y + seconds
-        self._xx, self._xy = d * self._xx + rows * rows, d * self._xy + rows * seconds
+        self.decode_seconds.observe(rows, seconds)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        self.prefill_per_token = _follow(self.prefill_per_token, seconds / max(tokens, 1))
+        self.prefill_seconds.observe(tokens, seconds)
 
     def observe_prepare(self, images: int, seconds: float) -> None:
         if images:
@@ -77,17 +97,6 @@ class StepCost:
             expected = math.ceil(self.text_tokens) - len(seq.generated)
             return min(seq.tokens_left, max(1, expected))
         return seq.tokens_left
-
-    def decode_seconds(self, rows: int) -> float:
-        """Predicted seconds of a decode step of `rows` rows; 0 before any step was seen."""
-        if self._n == 0:
-            return 0.0
-        mean_x, mean_y = self._x / self._n, self._y / self._n
-        var = self._xx / self._n - mean_x**2
-        slope = max(0.0, (self._xy / self._n - mean_x * mean_y) / var) if var > 1e-9 else 0.0
-        if slope == 0.0:
-            return mean_y
-        return max(0.0, mean_y + slope * (rows - mean_x))
 
 
 def _follow(mean: float, value: float) -> float:
@@ -179,13 +188,14 @@ class Scheduler:
         depth = max((self.cost.expected_steps(s) for r in mine for s in r.seqs), default=0)
         steps = max(depth, math.ceil(work / min(slots, len(seqs))))
         rows = min(self.pool.num_slots, len(seqs) + behind)
-        prompts = sum(prompt_tokens(r.waiting) for r in ahead + mine)
+        prompts = sum(self.cost.prefill_seconds(prompt_tokens(r.waiting))
+                      for r in ahead + mine if r.waiting)  # fmt: skip
         images = sum(r.images for r in ahead + mine if r.prepare is not None)
         # decode steps go on only between the prompts of requests yet to arrive
         stalled = 1.0 - min(self.cost.stall_share, 0.9)
         return (
             steps * self.cost.decode_seconds(rows) / stalled
-            + prompts * self.cost.prefill_per_token
+            + prompts
             + images * self.cost.encode_per_image
         )
 
