@@ -18,6 +18,8 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .errors import DeadlineExceeded, FacertOverloaded
 from .kv_cache import PrefixCache
 from .request import PRIORITY_ANALYSIS, Request
@@ -28,30 +30,27 @@ from .sequence import Sequence
 EXPECTED_TEXT_TOKENS = 24
 
 
-@dataclass
 class LinearFit:
-    """y ~ a + b * x by exponentially weighted least squares (b >= 0), so it follows the
-    machine's current speed; 0 before anything was seen."""
+    """y ~ a + b . x by exponentially weighted least squares (every b >= 0: no feature makes
+    the work cheaper), so it follows the machine's current speed; 0 before anything was
+    seen."""
 
-    decay: float = 0.98
-    _n: float = 0.0
-    _x: float = 0.0
-    _y: float = 0.0
-    _xx: float = 0.0
-    _xy: float = 0.0
+    def __init__(self, features: int = 1, decay: float = 0.98):
+        self.decay = decay
+        self._zz = np.zeros((features + 1, features + 1))  # sum of z z^T, z = (1, x)
+        self._zy = np.zeros(features + 1)  # sum of z y
 
-    def observe(self, x: float, y: float) -> None:
-        d = self.decay
-        self._n, self._x, self._y = d * self._n + 1, d * self._x + x, d * self._y + y
-        self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * y
+    def observe(self, y: float, *x: float) -> None:
+        z = np.array([1.0, *x])
+        self._zz = self.decay * self._zz + np.outer(z, z)
+        self._zy = self.decay * self._zy + z * y
 
-    def __call__(self, x: float) -> float:
-        if self._n == 0:
+    def __call__(self, *x: float) -> float:
+        if self._zz[0, 0] == 0:
             return 0.0
-        mean_x, mean_y = self._x / self._n, self._y / self._n
-        var = self._xx / self._n - mean_x**2
-        slope = max(0.0, (self._xy / self._n - mean_x * mean_y) / var) if var > 1e-9 else 0.0
-        return max(0.0, mean_y + slope * (x - mean_x))
+        theta = np.linalg.lstsq(self._zz, self._zy, rcond=None)[0]  # min-norm if degenerate
+        theta[1:] = np.maximum(theta[1:], 0.0)
+        return max(0.0, float(theta @ np.array([1.0, *x])))
 
 
 @dataclass
@@ -63,18 +62,20 @@ class StepCost:
     stalls every running row and which arrivals to come will take again."""
 
     decay: float = 0.98
-    decode_seconds: LinearFit = field(default_factory=LinearFit)  # (rows) -> seconds
+    # (image rows, text rows) -> seconds: a text row's head spans the whole wordpiece
+    # vocabulary, an image row's only the codes, so the two cost differently
+    decode_seconds: LinearFit = field(default_factory=lambda: LinearFit(features=2))
     prefill_seconds: LinearFit = field(default_factory=LinearFit)  # (tokens) -> seconds
     encode_per_image: float = 0.0
     text_tokens: float = EXPECTED_TEXT_TOKENS
     _stalled: float = 0.0
     _stepped: float = 0.0
 
-    def observe_decode(self, rows: int, seconds: float) -> None:
-        self.decode_seconds.observe(rows, seconds)
+    def observe_decode(self, rows: list[Sequence], seconds: float) -> None:
+        self.decode_seconds.observe(seconds, *_by_window(rows))
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        self.prefill_seconds.observe(tokens, seconds)
+        self.prefill_seconds.observe(seconds, tokens)
 
     def observe_prepare(self, images: int, seconds: float) -> None:
         if images:
@@ -97,6 +98,12 @@ class StepCost:
             expected = math.ceil(self.text_tokens) - len(seq.generated)
             return min(seq.tokens_left, max(1, expected))
         return seq.tokens_left
+
+
+def _by_window(seqs: list[Sequence]) -> tuple[int, int]:
+    """(image rows, text rows): the text window starts at id 0."""
+    text = sum(1 for s in seqs if s.window[0] == 0)
+    return len(seqs) - text, text
 
 
 def _follow(mean: float, value: float) -> float:
@@ -181,20 +188,22 @@ class Scheduler:
         seqs = [s for r in ahead + mine for s in r.seqs if not s.done]
         if not seqs:
             return 0.0
-        behind = sum(1 for r in self.active if r not in ahead
-                     for s in r.seqs[: r.started] if not s.done)  # fmt: skip
+        behind = [s for r in self.active if r not in ahead
+                  for s in r.seqs[: r.started] if not s.done]  # fmt: skip
         work = sum(self.cost.expected_steps(s) for s in seqs)
-        slots = max(1, self.pool.num_slots - behind)
+        slots = max(1, self.pool.num_slots - len(behind))
         depth = max((self.cost.expected_steps(s) for r in mine for s in r.seqs), default=0)
         steps = max(depth, math.ceil(work / min(slots, len(seqs))))
-        rows = min(self.pool.num_slots, len(seqs) + behind)
+        # the rows of its steps, as many of each window as the slots hold
+        image, text = _by_window(seqs + behind)
+        scale = min(1.0, self.pool.num_slots / (image + text))
         prompts = sum(self.cost.prefill_seconds(prompt_tokens(r.waiting))
                       for r in ahead + mine if r.waiting)  # fmt: skip
         images = sum(r.images for r in ahead + mine if r.prepare is not None)
         # decode steps go on only between the prompts of requests yet to arrive
         stalled = 1.0 - min(self.cost.stall_share, 0.9)
         return (
-            steps * self.cost.decode_seconds(rows) / stalled
+            steps * self.cost.decode_seconds(image * scale, text * scale) / stalled
             + prompts
             + images * self.cost.encode_per_image
         )

@@ -171,9 +171,7 @@ class Worker:
                 except Exception as e:
                     self._fail_rows(running, e)
                 else:
-                    self.scheduler.cost.observe_decode(
-                        len(running), time.monotonic() - decode_start
-                    )
+                    self.scheduler.cost.observe_decode(running, time.monotonic() - decode_start)
             self.scheduler.cost.observe_step(decode_start - start, time.monotonic() - start)
         with self._cv:
             self.last_step_at, self._step_started = time.monotonic(), None

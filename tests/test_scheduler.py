@@ -157,7 +157,7 @@ def test_an_impossible_deadline_is_refused_at_once(tiny_model_dir):
     start = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="needs about"):
         m.generate_faces(TEXT, n=4, seed=0, candidates=4, deadline_s=0.001)
-    assert time.monotonic() - start < 0.05
+    assert time.monotonic() - start < 0.5  # refused, not run (running it takes seconds)
     assert _pool_free(m)
     assert m.metrics.snapshot()["counters"]["rejected"]["DeadlineExceeded"] == 1
 
