@@ -210,17 +210,18 @@ class FaceModel:
         finish: Callable[[list[Sequence]], Any],
         priority: int,
         deadline: float | None,
-        on_step: Callable[[int], None] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
         continuation: bool = False,
         images: np.ndarray | None = None,
         views: list[int] | None = None,
     ) -> Future:
         """Submit sequences as one request. `images` (V, 3, H, W), if given, are encoded on
-        the engine thread just before the request starts, view `views[i]`'s codes written into
-        `seqs[i]` (so admission, and a refusal, never wait for the VQGAN encoder)."""
-        on_token = None if on_step is None else (lambda _index, _token: on_step(1))
+        the engine thread just before the request starts, view `views[i]`'s codes (default:
+        view 0's) written into `seqs[i]` (so admission, and a refusal, never wait for the VQGAN
+        encoder)."""
         req = Request(task, seqs, finish, priority=priority, deadline=deadline, on_token=on_token)
         if images is not None:
+            views = [0] * len(seqs) if views is None else views
             req.prepare, req.images = self._encoder(images, seqs, views), len(images)
         return self._worker.submit(req, continuation=continuation)
 
@@ -340,8 +341,10 @@ class FaceModel:
             for i in range(n)
             for k in range(candidates)
         ]
-        drawn = self._request("generate", drawings, list, priority, deadline, on_step,
-                              images=face, views=[0] * len(drawings))  # fmt: skip
+        # on_step counts tokens: one per row a step runs
+        on_token = None if on_step is None else (lambda _index, _token: on_step(1))
+        drawn = self._request("generate", drawings, list, priority, deadline, on_token,
+                              images=face)  # fmt: skip
         if candidates == 1:
             return then(drawn, self._faces)
         t = self.templates
@@ -354,7 +357,7 @@ class FaceModel:
                 return [drawings[i * candidates + k] for i, k in enumerate(matches.argmax(1))]
 
             return self._request(
-                "score", scores, best, priority, deadline, on_step, continuation=True
+                "score", scores, best, priority, deadline, on_token, continuation=True
             )
 
         return then(then(drawn, score), self._faces)
@@ -415,10 +418,8 @@ class FaceModel:
         seq = self.templates.to_caption(self._blank_codes(), params)
         text_of = self.templates.text_of
         on_token = None if on_text is None else (lambda _index, _token: on_text(text_of(seq)))
-        req = Request("caption", [seq], lambda seqs: text_of(seqs[0]), priority=priority,
-                      deadline=deadline, on_token=on_token, prepare=self._encoder(x, [seq], [0]),
-                      images=1)  # fmt: skip
-        return self._worker.submit(req)
+        return self._request("caption", [seq], lambda seqs: text_of(seqs[0]), priority, deadline,
+                             on_token, images=x)  # fmt: skip
 
     def stream_caption(self, image: ImageLike, **options: Any) -> Iterator[str]:
         """Caption a face, yielding the caption so far each time a token changes it (the last
@@ -477,7 +478,7 @@ class FaceModel:
             return self._request("attributes", seqs, lambda seqs: {
                 n: {"value": t.text_of(s), "prob": float(np.exp(sum(s.logprobs)))}
                 for n, s in zip(names, seqs)
-            }, priority, deadline, images=x, views=[0] * len(seqs))  # fmt: skip
+            }, priority, deadline, images=x)  # fmt: skip
         questions = [(n, v) for n in names for v in known[n]]
         seqs = [
             t.to_attribute(self._blank_codes(view=view), n, forced=t.candidate_ids(v))

@@ -82,7 +82,7 @@ class StepCost:
             self.encode_per_image = _follow(self.encode_per_image, seconds / images)
 
     def observe_text(self, tokens: int) -> None:
-        self.text_tokens = 0.9 * self.text_tokens + 0.1 * tokens
+        self.text_tokens = _follow(self.text_tokens, tokens)
 
     def observe_step(self, stalled: float, seconds: float) -> None:
         """A step of `seconds` in all, `stalled` of them prompts and encoding."""

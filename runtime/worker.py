@@ -124,10 +124,6 @@ class Worker:
                     self.metrics.set("prefix_cache_slots", kept)
                 for req in gone:
                     self._fail_expired(req, now)
-                for req in self._owners({id(s) for s in batch.prefill}):
-                    if req.admitted_at is None:
-                        req.admitted_at = now
-                        self.metrics.observe("queue_wait_seconds", now - req.arrival, req.task)
                 if batch.rows:
                     self._step(batch)
                 with self._cv:
@@ -185,12 +181,16 @@ class Worker:
         self._report_tokens(batch, before)
 
     def _prepare(self, batch: Batch) -> None:
-        """Encode the images of requests starting now (each request's own encoder call, so
-        its codes never depend on what else arrived); one that fails loses its rows."""
+        """Requests starting now: their queue wait, and their images encoded (each request's
+        own encoder call, so its codes never depend on what else arrived); one that fails
+        loses its rows."""
         for req in self._owners({id(s) for s in batch.prefill}):
+            start = time.monotonic()
+            if req.admitted_at is None:
+                req.admitted_at = start
+                self.metrics.observe("queue_wait_seconds", start - req.arrival, req.task)
             if req.prepare is None:
                 continue
-            start = time.monotonic()
             try:
                 req.prepare()
             except Exception as e:
