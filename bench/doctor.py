@@ -6,19 +6,25 @@ agree within the bounds the test suite uses, on a full forward and on the decode
 CPU kernel or the lm_decode graph, teacher-forced); then it times a decode step and one face.
 The reference is the exact PyTorch model when torch is installed, else the CPU fp32 graphs (which
 CI checks against the PyTorch model and TencentPretrain's golden logits).
+
+Where PyTorch sees a CUDA GPU, the CUDA backend is checked too, at each of its precisions, against
+the CPU ONNX Runtime fp32 model: greedy codes, logits (full forward and the cached decode path),
+seeded draws (the same Philox uniforms on both sides), then a decode step at batch 1 and 16
+against the device's floor (step weight bytes / the bandwidth of a large device copy) and one
+face end to end. Without a GPU `cuda_status` says why, and only the CPU checks run.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from facert.runtime.model import FaceModel
-from facert.runtime.sequence import GREEDY
+from facert.runtime.sequence import GREEDY, SamplingParams
 
 from .decode import PROMPT, decode_path, time_decode
 
@@ -130,5 +136,157 @@ def table(checks: list[Check]) -> str:
             f"| {c.provider.removesuffix('ExecutionProvider')} | {c.precision} "
             f"| {c.decode or '—'} | {c.top1:.4f} "
             f"| {c.rel_error:.2e} | {c.decode_ms:.2f} | {c.face_s:.2f} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+# ---- the CUDA backend --------------------------------------------------------------------------
+
+CUDA_PRECISIONS = ("fp32", "fp16", "bf16")
+# fp32: logits within 1e-4 of the largest |logit| and greedy codes and seeded draws identical;
+# fp16 and bf16 by top-1 agreement (tests/test_cuda_backend.py: a flip only at near ties; their
+# greedy codes and draws may part ways after one, so they are reported, not required).
+CUDA_MIN_TOP1 = {"fp32": 1.0, "fp16": 0.98, "bf16": 0.95}
+CUDA_BATCHES = (1, 16)
+SEEDED_ROWS = 4
+
+
+@dataclass
+class CudaCheck:
+    precision: str
+    lm_path: str = ""
+    top1: float = float("nan")
+    rel_error: float = float("nan")
+    greedy_equal: bool = False
+    samples_equal: float = float("nan")  # fraction of seeded rows drawn identically
+    step_ms: dict[int, float] = field(default_factory=dict)  # batch -> median decode step
+    floor_ms: float = float("nan")
+    bandwidth_gb_s: float = float("nan")
+    face_s: float = float("nan")
+    face_codes: int = 0
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        if self.error or not self.top1 >= CUDA_MIN_TOP1[self.precision]:
+            return False
+        exact = self.rel_error < FP32_REL_ERROR and self.greedy_equal and self.samples_equal == 1
+        return self.precision != "fp32" or exact
+
+
+def cuda_status() -> tuple[bool, str]:
+    """Whether the CUDA backend can run here: (True, the GPU's name) or (False, why not)."""
+    try:
+        import torch
+    except ImportError:
+        return False, "PyTorch is not installed (pip install torch, a CUDA build)"
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return False, f"no CUDA GPU visible to PyTorch (torch {torch.__version__}, {build})"
+    return True, torch.cuda.get_device_name(0)
+
+
+def device_bandwidth(size_mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second the GPU streams: a device-to-device copy far larger than its caches reads
+    and writes every byte once; the best of `repeats`, timed with CUDA events."""
+    import torch
+
+    src = torch.empty(size_mib * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * src.nbytes / best
+
+
+def _seeded_draws(model: FaceModel) -> list[list[int]]:
+    """SEEDED_ROWS image rows of 32 codes, seed 0, decoded together (the default sampling)."""
+    seqs = [model.templates.to_image(PROMPT, SamplingParams(seed=0), i) for i in range(SEEDED_ROWS)]
+    for s in seqs:
+        s.max_new_tokens = 32
+    model.engine.run(seqs)
+    return [s.generated for s in seqs]
+
+
+def time_steps(model: FaceModel, batch: int, steps: int = 20, warm: int = 3) -> float:
+    """Median seconds of one decode step and its image head at `batch` rows (each after the
+    image prompt in its own slot); the head's logits reach the host, so the step has finished."""
+    seq = model.templates.to_image(PROMPT, GREEDY, 0)
+    backend, window = model.backend, model.templates.image_window
+    slots = np.arange(batch)
+    backend.prefill(slots, [seq.prompt_ids] * batch, [seq.prompt_segs] * batch)
+    tokens = np.random.default_rng(0).integers(window[0], window[1], (warm + steps, batch))
+    times = []
+    for i, token in enumerate(tokens):
+        t = time.perf_counter()
+        backend.head(backend.decode(slots, token, np.full(batch, len(seq.prompt_ids) + i)), window)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[warm:]))
+
+
+def run_cuda(model_dir: Path, progress=None) -> list[CudaCheck]:
+    """One check per CUDA precision against the CPU ONNX Runtime fp32 model (see the top)."""
+    reference = FaceModel(model_dir, precision="fp32", num_slots=SEEDED_ROWS, progress=False)
+    ids, segs = _probe_sequence(reference)
+    n = int((segs == 1).sum())
+    ref = np.concatenate(
+        [reference.forward_logits(ids, segs), _decoded_logits(reference, ids, segs)]
+    )
+    ref_draws = _seeded_draws(reference)
+    bandwidth = device_bandwidth()
+    checks = []
+    for precision in CUDA_PRECISIONS:
+        if progress:
+            progress(f"cuda {precision}")
+        check = CudaCheck(precision)
+        try:
+            model = FaceModel(model_dir, backend="cuda", precision=precision,
+                              num_slots=max(CUDA_BATCHES), progress=False)  # fmt: skip
+            check.lm_path = model.backend.lm_path
+            got_ids, _ = _probe_sequence(model)
+            check.greedy_equal = bool(np.array_equal(got_ids[n:], ids[n:]))
+            logits = np.concatenate([model.forward_logits(ids, segs),
+                                     _decoded_logits(model, ids, segs)])  # fmt: skip
+            check.top1 = float(np.mean(np.argmax(logits, 1) == np.argmax(ref, 1)))
+            check.rel_error = float(np.abs(logits - ref).max() / np.abs(ref).max())
+            draws = _seeded_draws(model)
+            check.samples_equal = float(np.mean([a == b for a, b in zip(draws, ref_draws)]))
+            model.generate_faces(PROMPT, n=1, seed=0, candidates=1)  # warm: VQGAN, cuDNN
+            t = time.perf_counter()
+            model.generate_faces(PROMPT, n=1, seed=0, candidates=1)
+            check.face_s = time.perf_counter() - t
+            check.face_codes = model.config.vqgan.num_codes_per_image
+            # last: the timed steps write slots directly, under the engine's feet
+            check.step_ms = {b: time_steps(model, b) * 1e3 for b in CUDA_BATCHES}
+            window = model.templates.image_window
+            check.floor_ms = model.backend.step_weight_bytes(window) / bandwidth * 1e3
+            check.bandwidth_gb_s = bandwidth / 1e9
+            check.lm_path = model.backend.lm_path  # again: Triton may have fallen back to torch
+        except Exception as e:  # one precision failing must not hide the others' results
+            check.error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        checks.append(check)
+    return checks
+
+
+def cuda_table(checks: list[CudaCheck]) -> str:
+    lines = [
+        "| cuda | LM path | top-1 agreement | max rel. error | greedy equal | seeded draws equal "
+        "| step ms b1 | step ms b16 | floor ms | × floor b1 | one face s | |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        verdict = "PASS" if c.passed else f"FAIL {c.error}".strip()
+        b1, b16 = c.step_ms.get(1, float("nan")), c.step_ms.get(16, float("nan"))
+        lines.append(
+            f"| {c.precision} | {c.lm_path or '—'} | {c.top1:.4f} | {c.rel_error:.2e} "
+            f"| {'yes' if c.greedy_equal else 'no'} | {c.samples_equal:.2f} | {b1:.2f} "
+            f"| {b16:.2f} | {c.floor_ms:.3f} | {b1 / c.floor_ms:.1f} "
+            f"| {c.face_s:.2f} ({c.face_codes} codes) | {verdict} |"
         )
     return "\n".join(lines)

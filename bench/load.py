@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from facert.runtime.engine import StepEvent
+
 from . import scheduled
 from .contestants import Facert
 from .models import BenchModel
@@ -24,15 +26,27 @@ MIX = {"to_image": 1 / 3, "to_caption": 1 / 3, "to_attributes": 1 / 3}
 POLICIES = {"scheduler": 0, "fifo-batch": None, "one-at-a-time": 1}  # -> max requests a batch
 
 
-def _solo(server: Server, tasks: list[str]) -> dict[str, float]:
-    """Seconds each task takes alone (second of two runs; the first warms up)."""
-    solo = {}
-    for task in tasks:
-        for _ in range(2):
-            r = Request(0, task, 0.0)
-            server.serve([r])
-        solo[task] = r.finish
-    return solo
+def _solo(server: Server, tasks: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds each task takes alone (second of two runs; the first warms up), and the part of
+    them that is not decode steps (encoding, prompts, image decoding: work that batching does
+    not share), observed through the engine's step hook."""
+    solo, unshared, decode = {}, {}, []
+
+    def observe(event: StepEvent) -> None:
+        if event.kind == "decode":
+            decode.append(event.seconds)
+
+    server.model.engine.observers.append(observe)
+    try:
+        for task in tasks:
+            for _ in range(2):
+                decode.clear()
+                r = Request(0, task, 0.0)
+                server.serve([r])
+            solo[task], unshared[task] = r.finish, r.finish - sum(decode)
+    finally:
+        server.model.engine.observers.remove(observe)
+    return solo, unshared
 
 
 def _stats(reqs: list[Request], deadlines: dict[str, float], batches: list[int]) -> dict:
@@ -63,9 +77,12 @@ def run(
         bar = tqdm(total=len(rates) * len(POLICIES) + 1, desc=f"load {model.name} {f.name}",
                    disable=not progress)  # fmt: skip
         bar.set_postfix_str("solo latencies")
-        solo = _solo(Server(f.model, 1, attribute), list(mix))
+        solo, unshared = _solo(Server(f.model, 1, attribute), list(mix))
         bar.update()
         capacity = 1.0 / (sum(w * solo[t] for t, w in mix.items()) / sum(mix.values()))
+        # no policy serves more than this: even if every decode step were shared for free, each
+        # request's unshared work runs on its own
+        ceiling = 1.0 / (sum(w * unshared[t] for t, w in mix.items()) / sum(mix.values()))
         deadlines = {t: deadline * s for t, s in solo.items()}
         rows = []
         for factor in rates:
@@ -82,8 +99,9 @@ def run(
                              "offered_rps": factor * capacity, **stats})  # fmt: skip
                 bar.update()
         bar.close()
-        out.append({"contestant": f.name, "solo_s": solo, "capacity_rps": capacity,
-                    "deadlines_s": deadlines, "mix": mix, "rows": rows})  # fmt: skip
+        out.append({"contestant": f.name, "solo_s": solo, "unshared_s": unshared,
+                    "capacity_rps": capacity, "ceiling_rps": ceiling, "deadlines_s": deadlines,
+                    "mix": mix, "rows": rows})  # fmt: skip
     return {"model": model.name, "path": str(model.path), "requests": requests,
             "deadline_factor": deadline, "configs": out}  # fmt: skip
 
@@ -105,7 +123,9 @@ def markdown(result: dict) -> str:
             "mean batch"]  # fmt: skip
     for m in result["models"]:
         for c in m["configs"]:
-            solo = ", ".join(f"{t} {s:.2f} s" for t, s in c["solo_s"].items())
+            solo = ", ".join(f"{t} {s:.2f} s ({c['unshared_s'][t]:.2f} s unshared)"
+                             for t, s in c["solo_s"].items())  # fmt: skip
+            ceiling = c["ceiling_rps"] / c["capacity_rps"]
             body = [[r["policy"], r["rate_factor"], r["offered_rps"], r["throughput_rps"],
                      r["p50_ms"], r["p99_ms"], r["goodput_rps"], f"{r['met']:.0%}",
                      f"{r['admitted_met']:.0%}" if "admitted_met" in r else "-",
@@ -115,7 +135,9 @@ def markdown(result: dict) -> str:
             lines += [
                 f"\n#### model {m['model']}, {c['contestant']}: {m['requests']} requests per "
                 f"rate, mix {', '.join(c['mix'])} equally; solo {solo}; deadline "
-                f"{m['deadline_factor']}x solo\n",
+                f"{m['deadline_factor']}x solo. Ceiling: {ceiling:.2f}x the capacity (modelled: "
+                "the rate at which the unshared work alone fills the machine, as if every decode "
+                "step were shared for free; no policy can sustain a higher rate)\n",
                 table(head, body),
             ]
     return "\n".join(lines)

@@ -54,18 +54,27 @@ def parse_configs(spec: str, with_decode: bool = False) -> list[tuple[str, ...]]
         decode_ok = (
             len(parts) == 2 or with_decode and len(parts) == 3 and parts[2] in DECODE_CHOICES
         )
-        if not decode_ok or parts[0] not in BACKENDS or parts[1] not in PRECISIONS:
+        if not decode_ok or parts[0] not in BACKENDS or parts[1] not in PRECISIONS + ("bf16",):
             raise FacertError(
                 f"config {item!r} is not {form} with BACKEND in {', '.join(BACKENDS)}, "
-                f"PRECISION in {', '.join(PRECISIONS)}"
+                f"PRECISION in {', '.join(PRECISIONS)} (or bf16 on cuda)"
                 + (f" and DECODE in {', '.join(DECODE_CHOICES)}" if with_decode else "")
             )
-        if parts[0] == "torch" and parts[1] != "fp32":
-            raise FacertError(f"the torch backend runs fp32 only, not {parts[1]}")
+        runs = _precisions(parts[0])
+        if parts[1] not in runs:
+            raise FacertError(f"the {parts[0]} backend runs {', '.join(runs)}, not {parts[1]}")
         configs.append(parts)
     if not configs:
         raise FacertError("no facert configuration given")
     return configs
+
+
+def _precisions(backend: str) -> tuple[str, ...]:
+    if backend == "cuda":
+        from facert.runtime.backends.cuda_backend import PRECISIONS as CUDA_PRECISIONS
+
+        return CUDA_PRECISIONS
+    return ("fp32",) if backend == "torch" else PRECISIONS
 
 
 def label(config: tuple[str, str]) -> str:

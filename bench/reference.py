@@ -19,7 +19,7 @@ import torch
 
 from facert.export.lm import Talk2FaceLM
 from facert.runtime.backends.torch_backend import TorchBackend
-from facert.runtime.config import load_config
+from facert.runtime.config import LM_FILE, VQGAN_FILE, load_config, read_model
 from facert.runtime.sequence import TOP_K
 
 
@@ -61,7 +61,8 @@ class Reference:
 
     def __init__(self, model_dir: Path):
         self.config = load_config(model_dir)
-        self.backend = TorchBackend(model_dir, self.config)  # the exact LM and VQGAN, fp32
+        files = read_model(model_dir, keep=(LM_FILE, VQGAN_FILE))
+        self.backend = TorchBackend(files, self.config)  # the exact LM and VQGAN, fp32
         self.lengths: list[int] = []
         self.costs: list[float] = []
 

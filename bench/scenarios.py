@@ -1,6 +1,6 @@
-"""`facert bench tasks|throughput|load|attributes|mixed|memory`: their arguments, and one runner
-that resolves the models, runs the scenario on each, prints its markdown and writes JSON,
-markdown and PNG.
+"""`facert bench tasks|throughput|load|attributes|mixed|memory|startup|prefill`: their arguments,
+and one runner that resolves the models, runs the scenario on each, prints its markdown and
+writes JSON, markdown and PNG.
 
 Only argparse is imported here (the CLI builds its parser on every call); a scenario's module,
 and torch with it, is imported when that scenario runs.
@@ -84,6 +84,14 @@ def add_scenarios(bench: argparse._SubParsersAction, handler) -> None:
         "--new-tokens", type=int, help="tokens drawn per row (default and most: one face's codes)"
     )
 
+    p = bench.add_parser("prefill", help="prompt GFLOP/s beside the matrix-product peak")
+    _common(p, "onnxruntime:fp32,onnxruntime:int8", ["runs"])
+    p.add_argument("--runs", type=int, default=5, help="timed prefills per config (default 5)")
+
+    p = bench.add_parser("startup", help="process start to the first caption, fresh processes")
+    _common(p, "onnxruntime:fp32,onnxruntime:int8", ["runs"])
+    p.add_argument("--runs", type=int, default=5, help="timed processes per case (default 5)")
+
     for name in ("tasks", "throughput", "memory"):
         bench.choices[name].add_argument(
             "--no-competitors",
@@ -91,7 +99,16 @@ def add_scenarios(bench: argparse._SubParsersAction, handler) -> None:
             action="store_false",
             help="facert and the reference only (no transformers, no onnxruntime-genai)",
         )
-    for name in ("tasks", "throughput", "load", "attributes", "mixed", "memory"):
+    for name in (
+        "tasks",
+        "throughput",
+        "load",
+        "attributes",
+        "mixed",
+        "memory",
+        "startup",
+        "prefill",
+    ):
         bench.choices[name].set_defaults(func=handler)
 
 

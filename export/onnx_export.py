@@ -5,11 +5,13 @@ Precisions:
   fp16  every float tensor in half precision, KV cache included (for GPU execution providers)
   int8  LM MatMul weights dynamically quantized (int8 weights, int8 activations per call)
   int4  LM MatMul weights as 4-bit blocks (MatMulNBits, block 32, symmetric)
-For int8 and int4 the VQGAN stays fp32: it runs once per image and its convolutions lose the
-most from quantization.
+For int4 the VQGAN stays fp32. For int8 the VQGAN's expensive convolutions run in int8 too,
+statically calibrated on synthetic faces (vqgan_quant.py says which and why); the rest of it
+stays fp32.
 
-All graphs of one engine directory share a single weights file (`weights.bin`): a tensor used
-by several graphs (the prefill and decode graphs hold the same layers) is stored once. The
+The LM's graphs share one weights file (`lm_weights.bin`): a tensor used by several of them (the
+prefill and decode graphs hold the same layers) is stored once; each other graph has its own
+(`vqgan_encoder_weights.bin`, ...), so a backend reads only what the graphs it loads hold. The
 manifest lists the sha256 of every other file, which the loader checks as it reads them.
 Exports are atomic and serialized between processes (runtime/onnx_engines.py says how).
 Needs onnx and onnxruntime, not torch.
@@ -41,19 +43,20 @@ from facert.runtime.errors import FacertError, InvalidArgument, ModelFileError
 from facert.runtime.files import directory_lock, staged
 from facert.runtime.onnx_engines import (
     ENGINE_FORMAT,
+    LM_GRAPHS,
     MANIFEST,
     PRECISIONS,
-    WEIGHTS,
     check_writable,
     read_manifest,
     staleness,
+    weights_file,
 )
 
 from .onnx_graphs import OPSET, all_graphs
+from .vqgan_quant import quantize_vqgan
 
 __all__ = ["ENGINE_FORMAT", "PRECISIONS", "export_engine", "read_manifest", "staleness"]
 EXTERNAL_MIN_BYTES = 1024
-LM_GRAPHS = ("lm_prefill", "lm_decode", "head_text", "head_image")
 FUSED_OPS = (
     "MultiHeadAttention", "GroupQueryAttention", "SkipLayerNormalization", "LayerNormalization",
     "FastGelu", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger",
@@ -121,11 +124,15 @@ def _transform(name: str, precision: str) -> Callable[[onnx.ModelProto], onnx.Mo
 
 
 def save_sharing_weights(models: dict[str, onnx.ModelProto], out_dir: Path) -> None:
-    """Write each graph as NAME.onnx with its initializers (all but the smallest) in one shared
-    file, each distinct tensor (by content) stored once."""
-    offsets: dict[bytes, tuple[int, int]] = {}
-    with open(out_dir / WEIGHTS, "wb") as f:
-        for model in models.values():
+    """Write each graph as NAME.onnx with its initializers (all but the smallest) in its
+    weights file (`weights_file`), each distinct tensor (by content) stored once per file."""
+    files: dict[str, tuple] = {}  # weights file -> (open file, {sha256: (offset, length)})
+    with contextlib.ExitStack() as stack:
+        for name, model in models.items():
+            location = weights_file(name)
+            if location not in files:
+                files[location] = (stack.enter_context(open(out_dir / location, "wb")), {})
+            f, offsets = files[location]
             for t in model.graph.initializer:
                 raw = onnx.numpy_helper.to_array(t).tobytes()
                 if len(raw) < EXTERNAL_MIN_BYTES:
@@ -135,29 +142,23 @@ def save_sharing_weights(models: dict[str, onnx.ModelProto], out_dir: Path) -> N
                     f.write(b"\0" * (-f.tell() % 64))  # 64-byte aligned, as ORT prefers
                     offsets[key] = (f.tell(), len(raw))
                     f.write(raw)
-                offset, length = offsets[key]
-                t.ClearField("raw_data")
-                for field in (
-                    "float_data",
-                    "int32_data",
-                    "int64_data",
-                    "double_data",
-                    "uint64_data",
-                ):
-                    t.ClearField(field)
-                t.data_location = onnx.TensorProto.EXTERNAL
-                del t.external_data[:]
-                for k, v in (
-                    ("location", WEIGHTS),
-                    ("offset", str(offset)),
-                    ("length", str(length)),
-                ):
-                    t.external_data.add(key=k, value=v)
+                _point_at(t, location, *offsets[key])
     for name, model in models.items():
         onnx.save_model(model, out_dir / f"{name}.onnx")
 
 
-def _io(values) -> list[dict]:
+def _point_at(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make an initializer refer to its bytes in a weights file instead of holding them."""
+    t.ClearField("raw_data")
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(field)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        t.external_data.add(key=k, value=v)
+
+
+def graph_io(values) -> list[dict]:
     def dims(v):
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
 
@@ -211,6 +212,10 @@ def _build(
             f"{model_dir} has no tensor {e.args[0]!r} ({LM_FILE} or {VQGAN_FILE} is damaged or "
             "belongs to another model): restore it or convert the model again"
         ) from e
+    if precision == "int8":  # before the loop: calibrating the decoder runs the fp32 encoder
+        if progress:
+            progress("int8 vqgan")
+        graphs.update(quantize_vqgan(graphs["vqgan_encoder"], graphs["vqgan_decoder"], config))
     for name in list(graphs):
         if (transform := _transform(name, precision)) is not None:
             if progress:
@@ -226,21 +231,25 @@ def _build(
         "onnx_version": onnx.__version__,
         "onnxruntime_version": onnxruntime.__version__,
         "source_model_sha256": model_hash(model_dir),
-        "weights": WEIGHTS,
         "kv_cache": "per layer, keys and values (batch, heads, capacity, head_dim); lm_decode's "
         "GroupQueryAttention writes the new position in place when present_* is bound to past_*",
         "fused_ops": {n: _fused_counts(m) for n, m in graphs.items()},
         "graphs": {
-            n: {"file": f"{n}.onnx", "inputs": _io(m.graph.input), "outputs": _io(m.graph.output)}
+            n: {
+                "file": f"{n}.onnx",
+                "weights": weights_file(n),
+                "inputs": graph_io(m.graph.input),
+                "outputs": graph_io(m.graph.output),
+            }  # fmt: skip
             for n, m in graphs.items()
         },
-        "files": {f.name: _sha256(f) for f in sorted(out_dir.iterdir())},
+        "files": {f.name: file_sha256(f) for f in sorted(out_dir.iterdir())},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

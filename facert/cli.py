@@ -10,6 +10,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from facert.runtime.backends import BACKENDS
 from facert.runtime.errors import FacertError, ImageError, InvalidArgument
 from facert.runtime.onnx_engines import PRECISIONS
 
@@ -56,14 +57,14 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="onnxruntime",
-        choices=["onnxruntime", "torch"],
-        help="execution backend (default: onnxruntime)",
+        choices=BACKENDS,
+        help="execution backend (default: onnxruntime; cuda and tensorrt need an NVIDIA GPU)",
     )
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=PRECISIONS,
-        help="ONNX Runtime precision (default: fp32)",
+        choices=(*PRECISIONS, "bf16"),
+        help="precision (default: fp32; bf16 on cuda only)",
     )
     p.add_argument("--engine", type=Path, help="exported ONNX engine directory to use")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
@@ -263,6 +264,17 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    if args.target == "tensorrt":
+        from facert.export.tensorrt_graphs import PRECISIONS as TRT_PRECISIONS
+        from facert.export.tensorrt_graphs import export_tensorrt
+
+        if args.precision not in TRT_PRECISIONS:
+            raise InvalidArgument(f"--target tensorrt takes {', '.join(TRT_PRECISIONS)}")
+        out = args.output or Path(args.model) / "tensorrt" / f"onnx-{args.precision}"
+        manifest = export_tensorrt(args.model, out, args.precision)
+        graphs = len(manifest["graphs"])
+        print(f"wrote {out} (TensorRT-ready, {manifest['precision']}, {graphs} graphs)")
+        return
     from facert.export.onnx_export import export_engine
 
     out = args.output or Path(args.model) / "onnx" / args.precision
@@ -272,6 +284,27 @@ def cmd_export(args: argparse.Namespace) -> None:
             progress=lambda step: (bar.set_postfix_str(step), bar.update()),
         )  # fmt: skip
     print(f"wrote {out} ({manifest['precision']}, {len(manifest['graphs'])} graphs)")
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from facert import BUNDLED_MODEL
+    from facert.export.tensorrt_build import build
+    from facert.runtime.jetson import available_memory, detect_jetson, edge_defaults
+    from facert.runtime.memory import parse_bytes
+
+    model_dir = Path(args.model or BUNDLED_MODEL)
+    edge = edge_defaults(detect_jetson(), available_memory())
+    precision = args.precision or (edge.precision if edge else "fp16")
+    max_batch = args.max_batch or (edge.max_batch if edge else 16)
+    manifest = build(
+        model_dir, precision, max_batch=max_batch, max_prompt=args.max_prompt,
+        max_images=args.max_images, engines_root=args.output,
+        workspace_bytes=parse_bytes(args.workspace),
+        progress=lambda step: print(step, file=sys.stderr),
+    )  # fmt: skip
+    root = args.output or model_dir / "tensorrt"
+    print(f"wrote {root / manifest['key']} ({precision}, {len(manifest['files'])} engines, "
+          f"max batch {max_batch})")  # fmt: skip
 
 
 def _engine_info(engine_dir: Path) -> None:
@@ -410,24 +443,47 @@ def cmd_bench_soak(args: argparse.Namespace) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
     from tqdm import tqdm
 
     from facert import BUNDLED_MODEL
     from facert.bench import doctor
     from facert.bench.machine import describe
 
+    model_dir = Path(args.model or BUNDLED_MODEL)
     m = describe()
     print(f"machine      {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['platform']}")
     print(f"packages     {', '.join(f'{k} {v}' for k, v in m['versions'].items())}")
-    print(f"providers    {', '.join(doctor.ort.get_available_providers())}")
-    with tqdm(total=len(doctor.plan()), desc="checking", file=sys.stderr) as bar:
-        reference, checks = doctor.run(
-            Path(args.model or BUNDLED_MODEL),
-            progress=lambda s: (bar.set_postfix_str(s), bar.update()),
-        )
-    print(f"reference    {reference} backend, fp32")
-    print(doctor.table(checks))
-    if not all(c.passed for c in checks):
+    checks, cuda_checks = [], []
+    if args.only != "cuda":
+        print(f"providers    {', '.join(doctor.ort.get_available_providers())}")
+        with tqdm(total=len(doctor.plan()), desc="checking", file=sys.stderr) as bar:
+            reference, checks = doctor.run(
+                model_dir, progress=lambda s: (bar.set_postfix_str(s), bar.update())
+            )
+        print(f"reference    {reference} backend, fp32")
+        print(doctor.table(checks))
+    cuda_ok, cuda_note = doctor.cuda_status()
+    if args.only != "onnxruntime":
+        if not cuda_ok and args.only == "cuda":
+            raise FacertError(f"doctor --only cuda needs a CUDA GPU: {cuda_note}")
+        print(f"cuda         {cuda_note if cuda_ok else f'not checked: {cuda_note}'}")
+    if cuda_ok and args.only != "onnxruntime":
+        with tqdm(total=len(doctor.CUDA_PRECISIONS), desc="cuda", file=sys.stderr) as bar:
+            cuda_checks = doctor.run_cuda(
+                model_dir, progress=lambda s: (bar.set_postfix_str(s), bar.update())
+            )
+        bandwidth = max((c.bandwidth_gb_s for c in cuda_checks), default=float("nan"))
+        print(f"cuda ref.    onnxruntime CPU fp32; device copy bandwidth {bandwidth:.0f} GB/s")
+        print(doctor.cuda_table(cuda_checks))
+    if args.json:
+        report = {"machine": m, "checks": [dataclasses.asdict(c) for c in checks],
+                  "cuda": {"available": cuda_ok, "note": cuda_note,
+                           "checks": [dataclasses.asdict(c) for c in cuda_checks]}}  # fmt: skip
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if not all(c.passed for c in [*checks, *cuda_checks]):
         raise FacertError("some checks failed (see the table above)")
 
 
@@ -455,6 +511,13 @@ def cmd_bench_detectors(args: argparse.Namespace) -> None:
 
     result = run_detectors(args.output, progress=lambda name: print(name, file=sys.stderr))
     print(result["markdown"])
+
+
+def cmd_bench_vqgan(args: argparse.Namespace) -> None:
+    from facert.bench.vqgan import run
+
+    run(args.model, runs=args.runs, faces=args.faces, threads=args.threads,
+        variants=not args.engine_only, out_dir=args.output)  # prints its table  # fmt: skip
 
 
 def cmd_bench_camera(args: argparse.Namespace) -> None:
@@ -538,7 +601,26 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, help="engine directory (default MODEL/onnx/PRECISION)"
     )
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    p.add_argument(
+        "--target",
+        default="onnxruntime",
+        choices=["onnxruntime", "tensorrt"],
+        help="ONNX Runtime graphs, or TensorRT-ready standard-operator graphs (fp32/fp16/int8)",
+    )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build", help="build TensorRT engines for this GPU (Jetson or desktop)")
+    p.add_argument("-m", "--model", help="facert model directory (default: the bundled model)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                   help="default fp16 (a Jetson's defaults when on one)")  # fmt: skip
+    p.add_argument(
+        "--max-batch", type=int, help="largest batch (default 16; Jetson: from free memory)"
+    )
+    p.add_argument("--max-prompt", type=int, help="longest prompt (default: the KV capacity)")
+    p.add_argument("--max-images", type=int, default=4, help="largest VQGAN batch (default 4)")
+    p.add_argument("--workspace", default="1GiB", help="TensorRT builder workspace (default 1GiB)")
+    p.add_argument("-o", "--output", type=Path, help="engines root (default MODEL/tensorrt)")
+    p.set_defaults(func=cmd_build)
 
     bench = sub.add_parser("bench", help="benchmarks and quality evaluation").add_subparsers(
         dest="scenario", required=True
@@ -561,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_decode)
     from facert.bench.scenarios import add_scenarios
 
-    add_scenarios(bench, cmd_bench_scenario)  # tasks, throughput, load, attributes, mixed, memory
+    add_scenarios(bench, cmd_bench_scenario)  # tasks, throughput, ..., memory, startup
 
     p = bench.add_parser("quality", help="task accuracy on held-out synthetic faces, per config")
     p.add_argument("--model", help="facert model directory (default: the bundled model)")
@@ -604,6 +686,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("detectors", help="face detectors on real photos: recall, false, speed")
     p.add_argument("-o", "--output", type=Path, help="directory for detectors.json and .md")
     p.set_defaults(func=cmd_bench_detectors)
+
+    p = bench.add_parser("vqgan", help="the VQGAN in fp32 against int8: speed, PSNR, codes")
+    p.add_argument("--model", type=Path, help="model directory (default: the base shape)")
+    p.add_argument("--runs", type=int, default=5, help="interleaved timed runs (default 5)")
+    p.add_argument("--faces", type=int, default=4, help="held-out faces for quality (default 4)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
+    p.add_argument("--engine-only", action="store_true", help="skip the other int8 variants")
+    p.add_argument("-o", "--output", type=Path, help="directory for vqgan.json and vqgan.md")
+    p.set_defaults(func=cmd_bench_vqgan)
 
     p = bench.add_parser("camera", help="facert camera on a video file: frames/s and latency")
     p.add_argument("--seconds", type=float, default=10.0, help="video length (default 10)")
@@ -678,6 +769,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="self-check: parity and timings on this device's providers")
     p.add_argument("-m", "--model", help="facert model directory (default: the bundled model)")
+    p.add_argument(
+        "--only",
+        choices=["onnxruntime", "cuda"],
+        help="check only ONNX Runtime's providers, or only the CUDA backend (default: both)",
+    )
+    p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("info", help="describe a model directory or an exported engine directory")

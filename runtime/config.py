@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -266,16 +267,33 @@ def _read_json(path: Path) -> object:
         raise ModelFileError(f"{path} is not readable JSON: {e}") from e
 
 
-def model_hash(model_dir: str | Path) -> str:
-    """sha256 over the files that define the model, so exported engines can detect staleness.
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model directory's files, each read once: the model's hash, and the bytes of the weight
+    files a backend keeps (hashed as they were read, so loading them costs no second read)."""
 
-    Every load computes it, reading each file once; that same pass checks each file against the
-    sha256 facert.json records for it under "sha256", when it does. So a bit flip in the
-    weights of such a model is a ModelFileError here, at no extra read. (Without a record, a
-    damaged safetensors header or a truncated file still fails in load_weights; a flip in the
-    tensor data cannot be told from a new model and makes the engines stale.)"""
+    hash: str
+    kept: dict[str, bytearray]
+
+    def weights(self, name: str) -> dict[str, np.ndarray]:
+        return load_weights(self.kept[name], name)
+
+
+def read_model(model_dir: str | Path, keep: tuple[str, ...] = ()) -> ModelFiles:
+    """Hash the files that define the model (so exported engines can detect staleness), keeping
+    the bytes of the files named in `keep` (e.g. LM_FILE for a backend that computes with them).
+
+    The same pass checks each file against the sha256 facert.json records for it under "sha256",
+    when it does. So a bit flip in the weights of such a model is a ModelFileError here, at no
+    extra read. (Without a record, a damaged safetensors header or a truncated file still fails
+    in load_weights; a flip in the tensor data cannot be told from a new model and makes the
+    engines stale.)"""
     model_dir = Path(model_dir)
-    digests = {name: _sha256(model_dir / name) for name in (CONFIG_FILE, *CHECKED_FILES)}
+    digests, kept = {}, {}
+    for name in (CONFIG_FILE, *CHECKED_FILES):
+        data, digests[name] = _read_hashed(model_dir / name, name in keep)
+        if data is not None:
+            kept[name] = data
     config = _read_json(model_dir / CONFIG_FILE)
     recorded = _recorded_sha256(config.get("sha256", {}) if isinstance(config, dict) else {})
     for name, digest in recorded.items():
@@ -284,7 +302,13 @@ def model_hash(model_dir: str | Path) -> str:
                 f"{model_dir / name} does not match the sha256 that {CONFIG_FILE} records for it: "
                 "it is corrupt or was replaced; restore it or convert the model again"
             )
-    return hashlib.sha256("".join(f"{n} {d}\n" for n, d in digests.items()).encode()).hexdigest()
+    joined = "".join(f"{n} {d}\n" for n, d in digests.items())
+    return ModelFiles(hashlib.sha256(joined.encode()).hexdigest(), kept)
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """sha256 over the files that define the model (see read_model)."""
+    return read_model(model_dir).hash
 
 
 def write_config(model_dir: str | Path, config: ModelConfig) -> None:
@@ -298,31 +322,73 @@ def write_config(model_dir: str | Path, config: ModelConfig) -> None:
     (model_dir / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _sha256(path: Path) -> str:
+_CHUNK = 1 << 23  # files are hashed in pieces this size, each while it is still in cache
+
+
+def _read_hashed(path: Path, keep: bool) -> tuple[bytearray | None, str]:
+    """A file's sha256, and its bytes when `keep` (read and hashed in one pass)."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        with open(path, "rb", buffering=0) as f:
+            data = bytearray(os.fstat(f.fileno()).st_size) if keep else bytearray(_CHUNK)
+            view, pos = memoryview(data), 0
+            while n := f.readinto(view[pos : pos + _CHUNK] if keep else view):
+                h.update(view[pos : pos + n])
+                pos += n if keep else 0
+            view.release()
     except OSError as e:
         raise ModelFileError(f"cannot read {path}: {e.strerror}") from e
-    return h.hexdigest()
+    return (data[:pos] if keep and pos != len(data) else data) if keep else None, h.hexdigest()
 
 
-def load_weights(path: str | Path) -> dict[str, np.ndarray]:
-    """A safetensors file -> float32 arrays by name (float16 files are widened exactly)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def _sha256(path: Path) -> str:
+    return _read_hashed(path, keep=False)[1]
 
+
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}  # what facert's weights may hold
+
+
+def load_weights(source: str | Path | bytearray, name: str = "") -> dict[str, np.ndarray]:
+    """A safetensors file, or its bytes (named `name` in errors) -> float32 arrays by name
+    (float16 files are widened exactly). Arrays from bytes are views into them (no copy)."""
+    path = name or source
+    if not isinstance(source, bytearray):
+        try:
+            with open(source, "rb", buffering=0) as f:
+                source = bytearray(f.readall())
+        except OSError as e:
+            raise ModelFileError(f"cannot read {path}: {e.strerror}") from e
     try:
-        weights = load_file(str(path))
-    except (OSError, SafetensorError) as e:  # truncated, or a damaged header
+        weights = _safetensors(source)
+    except (ValueError, TypeError, KeyError) as e:  # truncated, or a damaged header
         raise ModelFileError(
-            f"{path} is corrupt or not a safetensors file ({e}); restore it or convert the "
-            "model again"
-        ) from e
-    except (TypeError, ValueError) as e:  # bfloat16 has no numpy type
-        raise ModelFileError(
-            f"cannot read {path} (float32 or float16 weights expected): {e}"
+            f"{path} is corrupt or not a float32/float16 safetensors file ({e}); restore it "
+            "or convert the model again"
         ) from e
     return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in weights.items()}
+
+
+def _safetensors(data: bytearray) -> dict[str, np.ndarray]:
+    """Parse the safetensors format (8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the tensors' bytes), checking every entry lies
+    inside the file and matches its shape, so a hostile header cannot read out of bounds."""
+    if len(data) < 8:
+        raise ValueError("shorter than a header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("header longer than the file")
+    header = json.loads(bytes(data[8 : 8 + size]))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    body, out = memoryview(data)[8 + size :], {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        if not all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)):
+            raise ValueError(f"{key}: bad shape or offsets")
+        count = math.prod(shape)
+        if not begin <= end <= len(body) or end - begin != count * dtype.itemsize:
+            raise ValueError(f"{key}: data outside the file or of the wrong size")
+        out[key] = np.frombuffer(body[begin:end], dtype).reshape(shape)
+    return out

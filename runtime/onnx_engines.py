@@ -34,9 +34,11 @@ from .config import model_hash
 from .errors import InvalidArgument, ModelFileError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-ENGINE_FORMAT = 3  # 2: int8 weights in 7 bits; 3: the sha256 of every file in the manifest
+# 2: int8 weights in 7 bits; 3: the sha256 of every file in the manifest; 4: a weights file per
+# group of graphs, so a backend reads only the weights of the graphs it loads
+ENGINE_FORMAT = 4
 MANIFEST = "manifest.json"
-WEIGHTS = "weights.bin"
+LM_GRAPHS = ("lm_prefill", "lm_decode", "head_text", "head_image")  # share the LM's weights
 _CHUNK = 1 << 23  # files are hashed in pieces this size, each while it is still in cache
 # what the loader and `facert info` read from a manifest, with its JSON type
 _MANIFEST_FIELDS = {
@@ -58,15 +60,25 @@ class EngineFiles:
     contents: dict[str, bytearray]
 
     def graph(self, name: str) -> bytes:
-        """A graph's protobuf (small: its weights are in weights.bin), as ONNX Runtime takes it."""
-        entry = self.manifest["graphs"].get(name)
-        if entry is None:
-            raise ModelFileError(f"{self.dir / MANIFEST} lists no {name} graph")
-        return bytes(self.contents[entry["file"]])
+        """A graph's protobuf (small: its weights are in its weights file), as ONNX Runtime
+        takes it."""
+        return bytes(self.contents[self.manifest["graphs"][name]["file"]])
+
+    def weights(self) -> dict[str, bytearray]:
+        """The weights files read (those of the graphs read), by the name graphs refer to."""
+        names = {self.manifest["graphs"][g]["weights"] for g in self.graphs}
+        return {n: self.contents[n] for n in sorted(names)}
 
     @property
-    def weights(self) -> bytearray:
-        return self.contents[WEIGHTS]
+    def graphs(self) -> list[str]:
+        """The graphs read."""
+        return [g for g, e in self.manifest["graphs"].items() if e["file"] in self.contents]
+
+
+def weights_file(graph: str) -> str:
+    """The weights file a graph's large initializers live in: one for the LM's graphs (they
+    hold the same layers), one per other graph (each VQGAN half is loaded on its own)."""
+    return "lm_weights.bin" if graph in LM_GRAPHS else f"{graph}_weights.bin"
 
 
 @dataclass(frozen=True)
@@ -93,20 +105,26 @@ def _refusal(engine_dir: Path, origin: _Origin | None, why: str) -> str:
 
 
 def resolve_engine(
-    model_dir: Path, precision: str, engine_dir: Path | None = None, progress: bool = True
+    model_dir: Path,
+    precision: str,
+    engine_dir: Path | None = None,
+    progress: bool = True,
+    source_hash: str | None = None,
 ) -> Path:
     """The engine directory to load, exported first if need be. Cheap when one is current: it
-    reads manifests, not graphs (read_engine checks those as it loads them)."""
+    reads manifests, not graphs (read_engine checks those as it loads them). `source_hash`: the
+    model's hash, if the caller has it already (computing it reads every model file)."""
     model_dir = Path(model_dir)
+    source_hash = source_hash or model_hash(model_dir)
     if engine_dir is not None:
         engine_dir = Path(engine_dir)
         origin = _Origin(model_dir, precision, progress, source=None)
-        why = staleness(engine_dir, model_dir, precision)
+        why = staleness(engine_dir, model_dir, precision, source_hash)
         if why:
             raise ModelFileError(_refusal(engine_dir, origin, why))
         _origins[engine_dir] = origin
         return engine_dir
-    origin = _Origin(model_dir, precision, progress, source=model_hash(model_dir))
+    origin = _Origin(model_dir, precision, progress, source=source_hash)
     current = (
         c for c in _candidates(origin) if not staleness(c, model_dir, precision, origin.source)
     )
@@ -115,20 +133,21 @@ def resolve_engine(
     return found
 
 
-def read_engine(engine_dir: str | Path) -> EngineFiles:
-    """Read an engine directory from resolve_engine into memory, checking every file's sha256.
-    One that fails is re-exported if it was found automatically, else refused."""
+def read_engine(engine_dir: str | Path, graphs: tuple[str, ...] | None = None) -> EngineFiles:
+    """Read an engine directory from resolve_engine into memory (only `graphs` and their
+    weights, or every file), checking each file's sha256. One that fails is re-exported if it
+    was found automatically, else refused."""
     engine_dir = Path(engine_dir)
     origin = _origins.get(engine_dir)
     try:
-        return _read_verified(engine_dir)
+        return _read_verified(engine_dir, graphs)
     except ModelFileError as e:
         if origin is None or origin.source is None:
             raise ModelFileError(_refusal(engine_dir, origin, str(e))) from e
         print(f"facert: warning: {e}; re-exporting", file=sys.stderr)
         target = _export(origin, bad=(str(e), _dir_id(engine_dir)))
     _origins[target] = origin
-    return _read_verified(target)
+    return _read_verified(target, graphs)
 
 
 def _candidates(origin: _Origin) -> list[Path]:
@@ -192,9 +211,11 @@ def _parse_manifest(raw: bytes, engine_dir: Path) -> dict:
     wrong = [k for k, t in _MANIFEST_FIELDS.items() if not isinstance(manifest.get(k), t)]
     files = manifest.get("files", {})
     if not wrong and not (
-        WEIGHTS in files
-        and all(_plain_name(f) and _is_sha256(d) for f, d in files.items())
-        and all(isinstance(g, dict) and g.get("file") in files for g in manifest["graphs"].values())
+        all(_plain_name(f) and _is_sha256(d) for f, d in files.items())
+        and all(
+            isinstance(g, dict) and g.get("file") in files and g.get("weights") in files
+            for g in manifest["graphs"].values()
+        )
     ):
         wrong = ["files or graphs"]
     if wrong:
@@ -249,9 +270,10 @@ def _dir_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _read_verified(engine_dir: Path) -> EngineFiles:
-    """Every file of the directory read once, hashed as it is read. If a check fails because a
-    concurrent export replaced the directory while we read it, the new one is read instead."""
+def _read_verified(engine_dir: Path, graphs: tuple[str, ...] | None) -> EngineFiles:
+    """The files of `graphs` (None: every file) read once, hashed as they are read. If a check
+    fails because a concurrent export replaced the directory while we read it, the new one is
+    read instead."""
     for _ in range(3):
         try:
             dir_fd = os.open(engine_dir, os.O_RDONLY)
@@ -259,8 +281,15 @@ def _read_verified(engine_dir: Path) -> EngineFiles:
             raise ModelFileError(f"cannot open engine directory {engine_dir}: {e.strerror}") from e
         try:
             manifest = _parse_manifest(_read(dir_fd, MANIFEST, engine_dir)[0], engine_dir)
+            listed = manifest["graphs"]
+            missing = [g for g in graphs or () if g not in listed]
+            if missing:
+                raise ModelFileError(f"{engine_dir / MANIFEST} lists no {', '.join(missing)} graph")
+            names = [listed[g][f] for g in graphs for f in ("file", "weights")] if graphs else None
             contents = {}
             for name, want in manifest["files"].items():
+                if names is not None and name not in names:
+                    continue
                 contents[name], digest = _read(dir_fd, name, engine_dir)
                 if digest != want:
                     raise ModelFileError(

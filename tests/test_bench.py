@@ -109,6 +109,8 @@ SCENARIOS = {
     "load": ["--configs", "onnxruntime:fp32", "--requests", "4", "--rates", "1,4"],
     "memory": ["--configs", "onnxruntime:fp32", "--batches", "1", "--new-tokens", "4",
                "--no-competitors"],
+    "prefill": ["--configs", BOTH, "--runs", "1"],
+    "startup": ["--configs", "onnxruntime:fp32", "--runs", "1"],
 }  # fmt: skip
 COMPETITOR_NAMES = {"transformers": "transformers GPT-2", "genai": "onnxruntime-genai"}
 

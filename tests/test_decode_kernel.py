@@ -1,5 +1,6 @@
 """The fused CPU decode kernel (kernels/cpu/decode.cpp) against an independent numpy
-implementation of one decode step, in float32 and int8, on odd shapes and scattered slots."""
+implementation of one decode step, in float32 and int8, on odd shapes and scattered slots, at
+every product level (AVX-512, AVX2, portable: forced with set_isa) and in the portable build."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facert.kernels.decode import DECODE_SEGMENT, FusedDecoder, allow_vnni, quantize_rows
+from facert.kernels.decode import (
+    DECODE_SEGMENT,
+    ISA_LEVELS,
+    FusedDecoder,
+    allow_vnni,
+    pack_panels,
+    quantize_rows,
+    set_isa,
+)
 from facert.runtime.sequence import SamplingParams
 
 EPS = 1e-6
@@ -90,7 +99,10 @@ def reference_step(w, n_head, k, v, slots, tokens, positions, window, int8):
 SHAPES = {  # (vocab, n_embd, n_head, n_ffn): the tiny fixture's widths, and widths with tails
     "aligned": (300, 64, 4, 256),
     "odd": (211, 40, 4, 100),
+    "ragged": (170, 38, 2, 102),  # widths not multiples of 4 (int8 groups) nor of 16 (panels)
 }
+# fc_proj's K = 600: float32 tiles of 4 panels cut K into chunks (kept sums carried over)
+WIDE = (120, 64, 4, 600)
 
 
 @pytest.fixture(params=list(SHAPES))
@@ -152,16 +164,55 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint32)  # -0.0 and 0.0 differ, NaNs compare
 
 
+@pytest.fixture(params=ISA_LEVELS)
+def level(request):
+    """Products forced to one level (skipped where the CPU lacks it), restored afterwards."""
+    if set_isa(request.param) != request.param:
+        set_isa("avx512")
+        pytest.skip(f"this CPU has no {request.param} products")
+    yield request.param
+    set_isa("avx512")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_every_level_matches_numpy_reference_and_gives_the_same_bits(case, precision, level):
+    """Each product level against the numpy reference, and the same bits as the portable level:
+    every level gives a pair the same operations (float32 FMAs k = 0..K-1, exact int8 sums)."""
+    w, n_head, k, v, rows, window = case
+    _, expected = reference_step(
+        w, n_head, k.copy(), v.copy(), **rows, window=window, int8=precision == "int8"
+    )
+    decoder = FusedDecoder(w, n_head, EPS, precision, threads=2)
+    logits = step_logits(decoder, k.copy(), v.copy(), rows, window)
+    bound = 1e-5 if precision == "fp32" else 5e-3
+    assert np.abs(logits - expected).max() / np.abs(expected).max() < bound
+    set_isa("portable")
+    assert np.array_equal(_bits(step_logits(decoder, k.copy(), v.copy(), rows, window)),
+                          _bits(logits))  # fmt: skip
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("library", ["native", "portable"])
 def test_a_row_gets_the_same_bits_whatever_its_batch(precision, library, request):
     """The scheduler batches rows of different requests (and tasks) into one step: a row's hidden
     state and logits must not depend on the other rows. Batches of 1, 3, 5, 16 and 32 rows at
-    random slots, positions and tokens (the 4 x 1..4 tiles, and batches that end in each
-    remainder) against each row run alone; widths that take the AVX-512 / VNNI tiles
-    (64, 256: multiples of 64) and widths that do not (40, 100)."""
-    lib = request.getfixturevalue("portable_library") if library == "portable" else None
-    for (vocab, n_embd, n_head, n_ffn), seed in zip(SHAPES.values(), (11, 12)):
+    random slots, positions and tokens (tiles of 1..6 inputs, and batches that end in each
+    remainder) against each row run alone, at each product level (native) and in the portable
+    build; widths that fill whole panels and int8 groups and widths that do not, and a K cut
+    into chunks."""
+    if library == "portable":
+        _same_bits_whatever_the_batch(precision, request.getfixturevalue("portable_library"))
+        return
+    try:
+        for level in ISA_LEVELS:
+            if set_isa(level) == level:
+                _same_bits_whatever_the_batch(precision, None)
+    finally:
+        set_isa("avx512")
+
+
+def _same_bits_whatever_the_batch(precision, lib):
+    for (vocab, n_embd, n_head, n_ffn), seed in zip((*SHAPES.values(), WIDE), (11, 12, 13, 14)):
         rng = np.random.default_rng(seed)
         w = random_weights(rng, vocab, n_embd, n_ffn, n_layer=2, positions=48)
         shape = (2, 32, n_head, 48, n_embd // n_head)  # (L, S, H, M, D)
@@ -236,18 +287,32 @@ def test_a_forked_child_decodes(case):
     assert np.array_equal(step_logits(decoder, k.copy(), v.copy(), rows, window), expected)
 
 
-def test_vnni_and_portable_int8_products_are_identical(case):
+def test_vnni_and_avx2_int8_products_are_identical(case):
     if not allow_vnni(True):
-        pytest.skip("this CPU has no AVX512-VNNI: int8 products always take the portable path")
+        pytest.skip("this CPU has no AVX512-VNNI")
     w, n_head, k, v, rows, window = case
     decoder = FusedDecoder(w, n_head, EPS, "int8", threads=2)
     vnni = step_logits(decoder, k.copy(), v.copy(), rows, window)
     try:
         assert not allow_vnni(False)
-        portable = step_logits(decoder, k.copy(), v.copy(), rows, window)
+        avx2 = step_logits(decoder, k.copy(), v.copy(), rows, window)
     finally:
         allow_vnni(True)
-    assert np.array_equal(vnni, portable)  # integer dot products: exact on both paths
+    assert np.array_equal(vnni, avx2)  # integer dot products: exact on both paths
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int8])
+def test_pack_panels_layout(dtype):
+    """Panels of 16 rows: float32 [p][k][r], int8 [p][k / 4][r][k % 4], zero-padded."""
+    w = np.arange(35 * 10).reshape(35, 10).astype(dtype)
+    packed = pack_panels(w)
+    if dtype == np.float32:
+        assert packed.shape == (3, 10, 16) and packed[2, 7, 1] == w[33, 7]
+        assert not packed[2, :, 3:].any()  # rows 35..47: padding
+    else:
+        assert packed.shape == (3, 3, 16, 4) and packed[2, 1, 1, 3] == w[33, 7]
+        assert not packed[:, 2, :, 2:].any() and not packed[2, :, 3:].any()  # padding
+    assert packed.sum() == w.sum()
 
 
 @pytest.fixture(scope="module")

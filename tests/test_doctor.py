@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from facert.bench import doctor
 from facert.cli import main
 
@@ -34,3 +36,44 @@ def test_doctor_cli_exit_status(tiny_model_dir, monkeypatch, capsys):
     assert "PASS" in capsys.readouterr().out
     monkeypatch.setattr(doctor, "MIN_TOP1", {**doctor.MIN_TOP1, "int4": 1.01})  # cannot be met
     assert main(["doctor", "-m", str(tiny_model_dir)]) == 2
+
+
+def test_doctor_says_plainly_when_there_is_no_cuda_gpu(tiny_model_dir, monkeypatch, capsys):
+    available, why = doctor.cuda_status()
+    if available:
+        pytest.skip("this machine has a CUDA GPU")
+    assert "no CUDA GPU" in why or "PyTorch is not installed" in why
+    monkeypatch.setattr(doctor, "run", lambda model_dir, progress=None: ("torch", []))
+    assert main(["doctor", "-m", str(tiny_model_dir)]) == 0  # the CPU checks still decide
+    assert f"cuda         not checked: {why}" in capsys.readouterr().out
+    assert main(["doctor", "-m", str(tiny_model_dir), "--only", "cuda"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_cuda_checks_on_the_cpu_build_of_the_cuda_backend(tiny_model_dir, monkeypatch):
+    """run_cuda's own logic (parity, seeded draws, timings, floor) with the CUDA backend's code
+    on the CPU: on a GPU the same function runs the real device."""
+    import facert.runtime.model as model_module
+    from facert.runtime.backends.cuda_backend import CudaBackend
+
+    real_model = doctor.FaceModel
+
+    def face_model(model_dir, backend="onnxruntime", precision="fp32", **options):
+        def on_the_cpu(name, path, config, **_):
+            return CudaBackend(path, config, precision, device="cpu")
+
+        with monkeypatch.context() as mp:
+            if backend == "cuda":
+                mp.setattr(model_module, "create_backend", on_the_cpu)
+            return real_model(model_dir, backend=backend, precision=precision, **options)
+
+    monkeypatch.setattr(doctor, "FaceModel", face_model)
+    monkeypatch.setattr(doctor, "device_bandwidth", lambda: 1e10)
+    monkeypatch.setattr(doctor, "CUDA_PRECISIONS", ("fp32", "bf16"))
+    checks = doctor.run_cuda(tiny_model_dir)
+    assert [c.precision for c in checks] == ["fp32", "bf16"]
+    fp32 = checks[0]
+    assert fp32.greedy_equal and fp32.samples_equal == 1.0 and fp32.rel_error < 1e-4, fp32
+    assert fp32.lm_path == "eager, torch attention" and sorted(fp32.step_ms) == [1, 16]
+    assert fp32.floor_ms > 0 and fp32.face_s > 0 and fp32.face_codes > 0
+    assert all(c.passed for c in checks), doctor.cuda_table(checks)

@@ -129,7 +129,7 @@ def test_reader_loads_while_a_writer_replaces_the_engine(template, tmp_path):
     out, err = reader.communicate(timeout=120)
     assert writer.wait(timeout=120) == 0
     assert reader.returncode == 0, err
-    assert int(out) >= 5 and _read_verified(engine).manifest["precision"] == "fp32"
+    assert int(out) >= 5 and _read_verified(engine, None).manifest["precision"] == "fp32"
 
 
 def test_killed_exporter_leaves_no_lock_and_its_leftovers_are_removed(
@@ -169,11 +169,14 @@ def _truncate(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "weights bit flip": (lambda d: _flip_bit(d / "weights.bin"), "does not match its sha256"),
-    "truncated graph": (lambda d: _truncate(d / "lm_prefill.onnx"), "does not match its sha256"),
+    "weights bit flip": (
+        lambda d: _flip_bit(d / "vqgan_encoder_weights.bin"),
+        "does not match its sha256",
+    ),
+    "truncated graph": (lambda d: _truncate(d / "vqgan_encoder.onnx"), "does not match its sha256"),
     "garbage manifest": (lambda d: (d / "manifest.json").write_text("{nope"), "not valid JSON"),
     "manifest of the wrong shape": (
-        lambda d: (d / "manifest.json").write_text('{"format": 3, "graphs": []}'),
+        lambda d: (d / "manifest.json").write_text('{"format": 4, "graphs": []}'),
         "malformed",
     ),
 }
@@ -191,7 +194,7 @@ def test_corrupt_engine_found_automatically_is_reexported(
     np.testing.assert_allclose(_logits(model), reference, rtol=1e-6, atol=1e-6)
     if "sha256" in CORRUPTIONS[corruption][1]:  # found only as the files are read: say so
         assert "does not match its sha256" in capfd.readouterr().err
-    assert staleness(engine, model, "fp32") is None and _read_verified(engine)
+    assert staleness(engine, model, "fp32") is None and _read_verified(engine, None)
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
@@ -313,8 +316,8 @@ def test_export_replaces_a_directory_atomically(template, tmp_path):
     model, _, _ = template
     out = tmp_path / "out"
     assert main(["export", str(model), "-o", str(out)]) == 0
-    first = _read_verified(out).contents
+    first = _read_verified(out, None).contents
     (out / "stray.txt").write_text("from an older export")
     assert main(["export", str(model), "-o", str(out)]) == 0
-    assert _read_verified(out).contents == first and not (out / "stray.txt").exists()
+    assert _read_verified(out, None).contents == first and not (out / "stray.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -9,6 +9,7 @@ import numpy as np
 
 class Backend(Protocol):
     name: str
+    lm_path: str  # where the LM's steps run, for reports: "fused kernel", "lm_decode graph", ...
     weight_bytes: int  # the weights as this backend holds them (every copy it keeps)
     cache_dtype: np.dtype  # of the KV cache's keys and values
 

@@ -1,28 +1,26 @@
-"""ONNX Runtime backend: the embedded default. torch-free.
+"""ONNX Runtime backend: every step through the exported graphs (prefill, lm_decode, heads,
+VQGAN), on any execution provider. torch-free. (On the CPU provider in fp32 and int8 the default
+is FusedCpuBackend, which runs the LM on facert's own kernel and only the VQGAN here.)
 
 The KV cache is one numpy array per keys/values, (layers, slots, heads, capacity, head_dim),
-allocated once. On the CPU provider in fp32 and int8, decode steps and the head run facert's
-fused kernel (kernels/cpu/decode.cpp), the steps straight on these arrays: ONNX Runtime's
-matrix-vector products at batch 1 fall well short of memory bandwidth. Otherwise a decode step
-runs the lm_decode graph, binding each layer's rows in place (IO binding, no copies);
-GroupQueryAttention writes the new position straight into them. That needs the step's rows to
-be cache rows 0..B-1, so this backend maps slots to cache rows and, when the running set
-changes, swaps a row that lies beyond B with one below it that no running row holds; the step
-then feeds its inputs in cache-row order.
+allocated once. A decode step runs the lm_decode graph, binding each layer's rows in place (IO
+binding, no copies); GroupQueryAttention writes the new position straight into them. That needs
+the step's rows to be cache rows 0..B-1, so this backend maps slots to cache rows and, when the
+running set changes, swaps a row that lies beyond B with one below it that no running row holds;
+the step then feeds its inputs in cache-row order.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from facert.kernels.decode import FusedDecoder
-
 from ..config import ModelConfig
 from ..errors import FacertError, ModelFileError
-from ..onnx_engines import WEIGHTS, read_engine
+from ..onnx_engines import read_engine, read_manifest, weights_file
 from .base import pad_rows
 
 GRAPHS = ("lm_prefill", "lm_decode", "head_text", "head_image", "vqgan_encoder", "vqgan_decoder")
@@ -51,8 +49,91 @@ def check_providers(providers: list[str]) -> None:
         )
 
 
+class Graphs:
+    """ONNX Runtime sessions over one engine directory, each made when `load` (or its first use)
+    asks for it: only those graphs and their weights files are read (each checked against its
+    sha256 as it is read, and freed once the sessions have copied it)."""
+
+    def __init__(
+        self, engine_dir: Path, providers: list[str], threads: int | None, spinning: bool = True
+    ):
+        check_providers(providers)
+        self.engine_dir, self.providers = engine_dir, providers
+        self.threads, self.spinning = threads, spinning
+        self.manifest = read_manifest(engine_dir)
+        # fp16 engines keep activations (and a graph-run KV cache) in half precision
+        self.float_dtype = np.dtype(np.float16 if self.manifest["precision"] == "fp16"
+                                    else np.float32)  # fmt: skip
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()  # a first use may come from any thread
+
+    def load(self, names: tuple[str, ...]) -> None:
+        """Create the sessions of `names` not made yet, reading their files once, together."""
+        with self._lock:
+            names = tuple(n for n in names if n not in self.sessions)
+            if not names:
+                return
+            engine = read_engine(self.engine_dir, names)
+            self.engine_dir = engine.dir  # a corrupt directory found automatically is re-exported
+            weights = engine.weights()
+            so = session_options(self.threads, self.spinning)
+            so.add_external_initializers_from_files_in_memory(
+                list(weights), list(weights.values()), [len(w) for w in weights.values()]
+            )
+            for name in names:
+                try:
+                    session = ort.InferenceSession(engine.graph(name), so, providers=self.providers)
+                except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
+                    raise ModelFileError(
+                        f"cannot load the ONNX graph {name} in {self.engine_dir}: {e}"
+                    ) from e
+                # falling back to another provider would rebuild the session from `so`, whose
+                # weight bytes are freed once the sessions have copied them
+                session.disable_fallback()
+                self.sessions[name] = session
+
+    def run(self, name: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if name not in self.sessions:
+            self.load((name,))
+        return self.sessions[name].run(None, inputs)
+
+    def weight_bytes(self, names: tuple[str, ...]) -> int:
+        """The bytes of the weights files these graphs read (what their sessions hold)."""
+        files = {weights_file(n) for n in names}
+        return sum((self.engine_dir / f).stat().st_size for f in files)
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=self.float_dtype)
+        return self.run("vqgan_encoder", {"images": x})[0]
+
+    def decode_images(self, codes: np.ndarray) -> np.ndarray:
+        out = self.run("vqgan_decoder", {"codes": np.asarray(codes, dtype=np.int64)})[0]
+        return out.astype(np.float32, copy=False)
+
+    def forward_logits(self, ids: np.ndarray, segs: np.ndarray, config: ModelConfig) -> np.ndarray:
+        """Full prefix-LM forward without a cache, through lm_prefill and the head graphs."""
+        feed = {"input_ids": ids[None].astype(np.int64), "segment_ids": segs[None].astype(np.int64)}
+        hidden = self.run("lm_prefill", feed)[0]  # (1, L, C)
+        return self.heads(hidden[0], (0, config.lm.vocab_size), config)
+
+    def heads(self, hidden: np.ndarray, window: tuple[int, int], config: ModelConfig) -> np.ndarray:
+        """(N, C) hidden -> (N, hi-lo) float32 logits, running only the heads the window needs."""
+        text = config.lm.text_vocab_size
+        hidden = np.ascontiguousarray(hidden, dtype=self.float_dtype)
+        parts = []
+        for head, (lo, hi) in (
+            ("head_text", (0, text)),
+            ("head_image", (text, config.lm.vocab_size)),
+        ):
+            if window[0] < hi and window[1] > lo:
+                logits = self.run(head, {"hidden": hidden})[0]
+                parts.append(logits[:, max(window[0], lo) - lo : min(window[1], hi) - lo])
+        return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    lm_path = "lm_decode graph"
 
     def __init__(
         self,
@@ -60,45 +141,16 @@ class OnnxRuntimeBackend:
         config: ModelConfig,
         providers: list[str] | None = None,
         threads: int | None = None,
-        fused_decoder: FusedDecoder | None = None,
     ):
         self.config = config
-        self.fused_decoder = fused_decoder
-        self.providers = providers or ["CPUExecutionProvider"]
-        check_providers(self.providers)
-        # Every file is read once, checked against its sha256 as it is read, and ONNX Runtime
-        # gets those bytes; a corrupt directory found automatically is re-exported meanwhile.
-        engine = read_engine(engine_dir)
-        self.engine_dir = engine.dir
-        so = session_options(threads, spinning=fused_decoder is None)
-        so.add_external_initializers_from_files_in_memory(
-            [WEIGHTS], [engine.weights], [len(engine.weights)]
-        )
-        # with the fused kernel the lm_decode graph is never run: not loading it saves a copy
-        # of every layer's weights
-        graphs = [g for g in GRAPHS if fused_decoder is None or g != "lm_decode"]
-        try:
-            self.sessions = {
-                g: ort.InferenceSession(engine.graph(g), so, providers=self.providers)
-                for g in graphs
-            }
-        except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
-            raise ModelFileError(f"cannot load the ONNX graphs in {self.engine_dir}: {e}") from e
-        for session in self.sessions.values():
-            # falling back to another provider would rebuild the session from `so`, whose
-            # weight bytes are freed once the sessions have copied them
-            session.disable_fallback()
-        self.float_dtype = self._dtype("lm_prefill", "present_key_0")
-        self.cache_dtype = self.float_dtype
-        self.weight_bytes = len(engine.weights) + (fused_decoder.weight_bytes if fused_decoder
-                                                   else 0)  # fmt: skip
+        self.graphs = Graphs(engine_dir, providers or ["CPUExecutionProvider"], threads)
+        self.graphs.load(GRAPHS)
+        self.engine_dir = self.graphs.engine_dir
+        self.sessions = self.graphs.sessions
+        self.float_dtype = self.cache_dtype = self.graphs.float_dtype
+        self.weight_bytes = self.graphs.weight_bytes(GRAPHS)
         self.k_cache = self.v_cache = None
         self._bindings = {}
-
-    def _dtype(self, graph: str, name: str) -> np.dtype:
-        s = self.sessions[graph]
-        t = next(v.type for v in (*s.get_inputs(), *s.get_outputs()) if v.name == name)
-        return np.dtype(np.float16) if "float16" in t else np.dtype(np.float32)
 
     def allocate(self, num_slots: int, max_len: int) -> None:
         c = self.config.lm
@@ -106,40 +158,18 @@ class OnnxRuntimeBackend:
         self.k_cache = np.zeros(shape, self.float_dtype)
         self.v_cache = np.zeros(shape, self.float_dtype)
         self._bindings: dict[tuple, _DecodeBinding] = {}
-        # Slot -> the cache row that holds it, and back. The fused kernel reads any rows; the
-        # lm_decode graph binds rows 0..B-1 in place, so for it a step's rows are moved there
-        # (swapped with rows no running sequence uses) when the running set changes.
+        # Slot -> the cache row that holds it, and back. The lm_decode graph binds rows 0..B-1
+        # in place, so a step's rows are moved there (swapped with rows no running sequence
+        # uses) when the running set changes.
         self._row = np.arange(num_slots)
         self._slot_at = np.arange(num_slots)
 
     def head(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
-        """(N, C) hidden -> (N, hi-lo) float32 logits. With the fused decoder, its head kernel
-        reads only the window's rows (what a decode step read before the split); otherwise the
-        head graphs the window overlaps."""
-        if self.fused_decoder is not None:
-            return self.fused_decoder.head(hidden, window)
-        return self._graph_heads(hidden, window)
-
-    def _graph_heads(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
-        """(N, C) hidden -> (N, hi-lo) float32 logits, running only the heads the window needs."""
-        text = self.config.lm.text_vocab_size
-        hidden = np.ascontiguousarray(hidden, dtype=self.float_dtype)
-        parts = []
-        for head, (lo, hi) in (
-            ("head_text", (0, text)),
-            ("head_image", (text, self.config.lm.vocab_size)),
-        ):
-            if window[0] < hi and window[1] > lo:
-                logits = self.sessions[head].run(None, {"hidden": hidden})[0]
-                parts.append(logits[:, max(window[0], lo) - lo : min(window[1], hi) - lo])
-        return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
-
-    def _prefill_run(self, ids: np.ndarray, segs: np.ndarray) -> list[np.ndarray]:
-        return self.sessions["lm_prefill"].run(None, {"input_ids": ids, "segment_ids": segs})
+        """(N, C) hidden -> (N, hi-lo) float32 logits through the head graphs it overlaps."""
+        return self.graphs.heads(hidden, window, self.config)
 
     def forward_logits(self, ids: np.ndarray, segs: np.ndarray) -> np.ndarray:
-        hidden = self._prefill_run(ids[None].astype(np.int64), segs[None].astype(np.int64))[0]
-        return self._graph_heads(hidden[0], (0, self.config.lm.vocab_size))
+        return self.graphs.forward_logits(ids, segs, self.config)
 
     def prefill(
         self,
@@ -149,7 +179,9 @@ class OnnxRuntimeBackend:
     ) -> np.ndarray:
         batch_ids, batch_segs, lengths = pad_rows(ids, segs)
         T = batch_ids.shape[1]
-        hidden, *present = self._prefill_run(batch_ids, batch_segs)  # (B, T, C), 2L x (B, H, T, D)
+        hidden, *present = self.graphs.run(
+            "lm_prefill", {"input_ids": batch_ids, "segment_ids": batch_segs}
+        )  # (B, T, C), 2L x (B, H, T, D)
         rows = self._row[slots]
         for layer in range(self.config.lm.n_layer):
             self.k_cache[layer, rows, :, :T] = present[2 * layer]
@@ -167,9 +199,6 @@ class OnnxRuntimeBackend:
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
-        if self.fused_decoder is not None:
-            rows = self._row[slots]
-            return self.fused_decoder.step(self.k_cache, self.v_cache, rows, tokens, positions)
         rows = self._rows_at_front(np.asarray(slots))  # a permutation of 0..B-1
         B = len(rows)
         order = np.argsort(rows)  # the call's row that cache row p holds is order[p]
@@ -198,14 +227,10 @@ class OnnxRuntimeBackend:
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(images, dtype=self.float_dtype)
-        return self.sessions["vqgan_encoder"].run(None, {"images": x})[0]
+        return self.graphs.encode_images(images)
 
     def decode_images(self, codes: np.ndarray) -> np.ndarray:
-        out = self.sessions["vqgan_decoder"].run(
-            None, {"codes": np.asarray(codes, dtype=np.int64)}
-        )[0]
-        return out.astype(np.float32, copy=False)
+        return self.graphs.decode_images(codes)
 
 
 class _DecodeBinding:

@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from facert.export.lm import Talk2FaceLM, decode_mask_bias, prefix_mask_bias
 from facert.export.vqgan import VQGAN
 
-from ..config import LM_FILE, VQGAN_FILE, ModelConfig, load_weights
+from ..config import LM_FILE, VQGAN_FILE, ModelConfig, ModelFiles
 from .base import pad_rows
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v) for k, v in load_weights(path).items()}
+def _tensors(files: ModelFiles, name: str) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in files.weights(name).items()}
 
 
 class TorchBackend:
     name = "torch"
+    lm_path = "torch"
 
-    def __init__(self, model_dir: Path, config: ModelConfig, device: str = "cpu"):
+    def __init__(self, files: ModelFiles, config: ModelConfig, device: str = "cpu"):
+        """`files`: the model directory read with its hash, keeping LM_FILE and VQGAN_FILE."""
         self.config, self.device = config, torch.device(device)
         self.lm = Talk2FaceLM(config.lm)
-        self.lm.load_state_dict(_tensors(Path(model_dir) / LM_FILE))
+        self.lm.load_state_dict(_tensors(files, LM_FILE))
         self.vqgan = VQGAN(config.vqgan)
-        self.vqgan.load_state_dict(_tensors(Path(model_dir) / VQGAN_FILE))
+        self.vqgan.load_state_dict(_tensors(files, VQGAN_FILE))
         self.lm.to(self.device).eval()
         self.vqgan.to(self.device).eval()
         self.cache_dtype = np.dtype(np.float32)

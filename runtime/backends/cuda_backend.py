@@ -1,0 +1,458 @@
+"""The CUDA backend: the exact Talk2Face math (export/lm.py) on one NVIDIA GPU.
+
+Where the bytes are, precision is low; where rounding would change the answer, it is fp32:
+- weights (linears, embeddings, LM head) and the static KV cache in fp16, bf16 or fp32: a decode
+  step reads every weight once, so their width sets its floor;
+- the residual stream, LayerNorms, gelu, attention scores/softmax and the logits in fp32 (a few
+  KB per row), so fp16 cannot overflow in gelu's cube and bf16 rounding cannot tie the top logits;
+- the VQGAN in fp32 with TF32 off: its quantizer's argmin decides codes on near ties.
+
+The KV cache (layers, slots + 1, heads, capacity, head_dim) lives on the device and is written in
+place; the extra slot is scratch for padding. A decode step is captured once per batch-size
+bucket (1, 2, 4, ...) as a CUDA graph and replayed, so a step costs one launch instead of a few
+hundred; a batch is padded to its bucket with rows that write only the scratch slot.
+
+Decode attention runs facert.kernels.triton's kernel when it imports and works here, else the
+torch ops of `torch_decode_attention` (same contract); `self.attention` says which, and
+`self.attention_note` why. Sampling stays on the host like every backend (`head` returns
+logits; the engine samples); `sample` is the device-side path for later, checked by doctor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facert.export.lm import MASK_VALUE, Talk2FaceLM, gelu_fast, prefix_mask_bias
+from facert.export.vqgan import VQGAN
+
+from ..config import LM_FILE, VQGAN_FILE, ModelConfig, ModelFiles, read_model
+from ..errors import FacertError
+from .base import pad_rows
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ATTENTION_CHOICES = ("auto", "triton", "torch")
+NO_TRITON = "no Triton on the CPU (its interpreter runs attention='triton' if TRITON_INTERPRET=1)"
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def torch_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """The Triton kernel's contract in torch ops (static shapes, so a CUDA graph can hold it):
+    q, k_new, v_new (B, H, D); one layer's caches (S, H, M, D), written in place at
+    [slots[b], :, positions[b]]; row b attends to its positions 0..positions[b] -> (B, H, D).
+    Scores and softmax in fp32; hidden keys get the reference's additive -10000, whose exp is 0."""
+    k_cache[slots, :, positions] = k_new
+    v_cache[slots, :, positions] = v_new
+    k, v = k_cache[slots].float(), v_cache[slots].float()  # (B, H, M, D)
+    scores = torch.matmul(k, q.float()[..., None])[..., 0] / math.sqrt(float(q.shape[-1]))
+    j = torch.arange(k.shape[2], device=q.device)
+    hidden = (j[None, :] > positions[:, None]).float() * MASK_VALUE  # (B, M)
+    probs = torch.softmax(scores + hidden[:, None, :], dim=-1)  # (B, H, M)
+    return torch.matmul(probs[:, :, None], v)[:, :, 0].to(q.dtype)  # (B, H, D)
+
+
+def _triton_attention() -> tuple[AttentionFn | None, str]:
+    """facert.kernels.triton's decode_attention, or None and why not."""
+    try:
+        from facert.kernels.triton import decode_attention
+    except Exception as e:  # no triton, no module yet, or a broken install: torch ops then
+        return None, f"facert.kernels.triton unavailable ({type(e).__name__}: {e})"
+    return decode_attention, "facert.kernels.triton.decode_attention"
+
+
+def _triton_sampler() -> Callable[..., torch.Tensor] | None:
+    try:
+        from facert.kernels.triton import sample
+    except Exception:  # no triton or no module: the host sampler, same semantics
+        return None
+    return sample
+
+
+def buckets_for(num_slots: int) -> list[int]:
+    """Batch sizes that get a CUDA graph: powers of two up to the first >= num_slots."""
+    sizes = [1]
+    while sizes[-1] < num_slots:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+@dataclass
+class _Layer:
+    """One block's weights: LayerNorm parameters in fp32, linears in the backend's dtype; q, k
+    and v stacked into one (3C, C) matrix so a step reads them in one GEMM."""
+
+    ln_1: tuple[torch.Tensor, torch.Tensor]
+    qkv: tuple[torch.Tensor, torch.Tensor]
+    proj: tuple[torch.Tensor, torch.Tensor]
+    ln_2: tuple[torch.Tensor, torch.Tensor]
+    fc: tuple[torch.Tensor, torch.Tensor]
+    fc_out: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: torch.Tensor  # (3, bucket) int64: tokens, slots, positions
+    hidden: torch.Tensor  # (bucket, C) fp32
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(
+        self,
+        files: ModelFiles | str | Path,
+        config: ModelConfig,
+        precision: str = "fp16",
+        device: str = "cuda",
+        graphs: bool | None = None,
+        attention: str = "auto",
+    ):
+        """files: the model directory read with its hash keeping LM_FILE and VQGAN_FILE (or the
+        directory, read here); device="cpu" runs the same math without CUDA graphs or Triton (to
+        test it anywhere); graphs: capture decode steps (default: on CUDA); attention: "auto",
+        "triton" or "torch"."""
+        if precision not in PRECISIONS:
+            raise FacertError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
+            )
+        if attention not in ATTENTION_CHOICES:
+            raise FacertError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}")
+        self.config, self.precision = config, precision
+        self.device, self.dtype = torch.device(device), DTYPES[precision]
+        on_cuda = self.device.type == "cuda"
+        self.graphs = on_cuda if graphs is None else graphs and on_cuda
+        # Triton runs on CUDA; on the CPU only when asked for under its interpreter (tests)
+        interpreter = attention == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+        self._triton_here = on_cuda or interpreter
+        if not isinstance(files, ModelFiles):
+            files = read_model(files, keep=(LM_FILE, VQGAN_FILE))
+        self._load(files)
+        self.cache_dtype = _numpy_dtype(self.dtype)
+        self._mm_fp32_out = _has_mm_out_dtype(self.device, self.dtype)
+        self.k_cache = self.v_cache = None
+        self.scratch = 0
+        self._graphs: dict[int, _Graph] = {}
+        self._pool = None
+        self._lock = threading.RLock()  # a graph capture must not overlap other device work
+        self._choose_attention(attention)
+
+    def _choose_attention(self, attention: str) -> None:
+        """Triton's kernel for "auto" on CUDA when it imports, for "triton" or an error; torch ops
+        otherwise. `attention` and `attention_note` say which and why, for doctor."""
+        self._attend: AttentionFn = torch_decode_attention
+        self.attention, self.attention_note = "torch", "attention='torch' asked for"
+        if attention == "torch":
+            return
+        fn, self.attention_note = _triton_attention() if self._triton_here else (None, NO_TRITON)
+        if fn is None and attention == "triton":
+            raise FacertError(f"attention='triton' is not available: {self.attention_note}")
+        if fn is not None:
+            self._attend, self.attention = fn, "triton"
+
+    def _load(self, files: ModelFiles) -> None:
+        lm = Talk2FaceLM(self.config.lm)  # loads by name and shape: a wrong file fails here
+        lm.load_state_dict({k: torch.from_numpy(v) for k, v in files.weights(LM_FILE).items()})
+        dev, dt = self.device, self.dtype
+
+        def low(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(dev, dt).contiguous()
+
+        def fp32(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(dev, torch.float32).contiguous()
+
+        def linear(*mods: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+            return (
+                low(torch.cat([m.weight for m in mods])),
+                low(torch.cat([m.bias for m in mods])),
+            )
+
+        self.layers = [
+            _Layer(
+                ln_1=(fp32(b.ln_1.weight), fp32(b.ln_1.bias)),
+                qkv=linear(b.attn.q, b.attn.k, b.attn.v),
+                proj=linear(b.attn.proj),
+                ln_2=(fp32(b.ln_2.weight), fp32(b.ln_2.bias)),
+                fc=linear(b.mlp.fc),
+                fc_out=linear(b.mlp.proj),
+            )
+            for b in lm.blocks
+        ]
+        self.wte, self.wpe, self.wse = (low(e.weight) for e in (lm.wte, lm.wpe, lm.wse))
+        self.ln_f = (fp32(lm.ln_f.weight), fp32(lm.ln_f.bias))
+        self.lm_head = low(lm.lm_head.weight)  # (V, C)
+        self.vqgan = VQGAN(self.config.vqgan)
+        vq = files.weights(VQGAN_FILE)
+        self.vqgan.load_state_dict({k: torch.from_numpy(v) for k, v in vq.items()})
+        self.vqgan.to(dev).eval()
+        lm_tensors = [
+            *self._layer_tensors(),
+            self.wte,
+            self.wpe,
+            self.wse,
+            *self.ln_f,
+            self.lm_head,
+        ]
+        vq_tensors = [*self.vqgan.parameters(), *self.vqgan.buffers()]
+        self.weight_bytes = sum(t.nbytes for t in lm_tensors + vq_tensors)
+
+    @property
+    def lm_path(self) -> str:
+        """Where the LM's decode steps run, for reports."""
+        return f"{'CUDA graphs' if self.graphs else 'eager'}, {self.attention} attention"
+
+    def step_weight_bytes(self, window: tuple[int, int]) -> int:
+        """Weight bytes one decode step and its head read (embedding tables read one row): the
+        numerator of the step's bandwidth floor."""
+        head = (window[1] - window[0]) * self.lm_head.shape[1] * self.lm_head.element_size()
+        return sum(t.nbytes for t in (*self._layer_tensors(), *self.ln_f)) + head
+
+    def _layer_tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for pair in vars(layer).values() for t in pair]
+
+    # ---- the transformer, shared by forward_logits, prefill and decode -------------------------
+
+    def _ln(self, x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """TencentPretrain's LayerNorm (unbiased std, eps on the std), in fp32."""
+        mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+        return params[0] * (x - mean) / (std + self.config.lm.layernorm_eps) + params[1]
+
+    def _linear(self, x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.linear(x.to(self.dtype), *params)
+
+    def _embed(
+        self, ids: torch.Tensor, segs: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        return (self.wte[ids].float() + self.wpe[positions].float()) + self.wse[segs].float()
+
+    def _finish_block(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Attention output (..., C) -> projection, residual, then the MLP and its residual."""
+        h = x + self._linear(attn, layer.proj).float()
+        mid = gelu_fast(self._linear(self._ln(h, layer.ln_2), layer.fc).float())
+        return h + self._linear(mid, layer.fc_out).float()
+
+    def _hidden(
+        self,
+        ids: torch.Tensor,
+        segs: torch.Tensor,
+        store: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """(B, T) ids and segments from position 0 -> (B, T, C) fp32 states after ln_f; `store`
+        gets each layer's keys and values (B, H, T, D) in the cache dtype."""
+        B, T = ids.shape
+        H, D = self.config.lm.n_head, self.config.lm.head_dim
+        positions = torch.arange(T, device=ids.device).expand_as(ids)
+        x = self._embed(ids, segs, positions)  # (B, T, C)
+        bias = prefix_mask_bias(segs)  # (B, 1, T, T)
+        for i, layer in enumerate(self.layers):
+            qkv = self._linear(self._ln(x, layer.ln_1), layer.qkv)  # (B, T, 3C)
+            q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+            if store is not None:
+                store(i, k, v)
+            scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) / math.sqrt(float(D))
+            probs = torch.softmax(scores + bias, dim=-1)  # (B, H, T, T)
+            y = torch.matmul(probs, v.float()).transpose(1, 2).reshape(B, T, H * D)
+            x = self._finish_block(layer, x, y)
+        return self._ln(x, self.ln_f)
+
+    def _decode_hidden(
+        self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """One segment-2 token per row (B,) -> (B, C) fp32; static shapes, so it can be captured."""
+        B, H, D = tokens.shape[0], self.config.lm.n_head, self.config.lm.head_dim
+        x = self._embed(tokens, torch.full_like(tokens, 2), positions)  # (B, C)
+        for i, layer in enumerate(self.layers):
+            qkv = self._linear(self._ln(x, layer.ln_1), layer.qkv).view(B, 3, H, D)
+            q, k, v = (t.contiguous() for t in qkv.unbind(1))  # each (B, H, D)
+            y = self._attend(q, self.k_cache[i], self.v_cache[i], k, v, slots, positions)
+            x = self._finish_block(layer, x, y.reshape(B, H * D))
+        return self._ln(x, self.ln_f)
+
+    # ---- the Backend interface -----------------------------------------------------------------
+
+    def _ids(self, a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(self.device)
+
+    def allocate(self, num_slots: int, max_len: int) -> None:
+        c = self.config.lm
+        shape = (c.n_layer, num_slots + 1, c.n_head, max_len, c.head_dim)  # (L, S + 1, H, M, D)
+        with self._lock:
+            self._graphs.clear()
+            self.k_cache = self.v_cache = None  # free the old cache before the new one
+            self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            self.scratch, self.buckets = num_slots, buckets_for(num_slots)
+
+    @torch.inference_mode()
+    def forward_logits(self, ids: np.ndarray, segs: np.ndarray) -> np.ndarray:
+        with self._lock:
+            h = self._hidden(self._ids(ids)[None], self._ids(segs)[None])[0]  # (L, C)
+            return self._logits(h, (0, self.lm_head.shape[0])).cpu().numpy()
+
+    @torch.inference_mode()
+    def prefill(
+        self, slots: np.ndarray, ids: list[np.ndarray], segs: list[np.ndarray]
+    ) -> np.ndarray:
+        batch_ids, batch_segs, lengths = pad_rows(ids, segs)
+        T = batch_ids.shape[1]
+        with self._lock:
+            slots_t = self._ids(slots)
+
+            def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                self.k_cache[layer, slots_t, :, :T] = k  # (B, H, T, D)
+                self.v_cache[layer, slots_t, :, :T] = v
+
+            h = self._hidden(self._ids(batch_ids), self._ids(batch_segs), store)  # (B, T, C)
+            last = h[torch.arange(len(ids), device=self.device), self._ids(lengths) - 1]
+            return last.cpu().numpy()  # (B, C)
+
+    @torch.inference_mode()
+    def decode(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        B = len(slots)
+        bucket = next(b for b in self.buckets if b >= B)
+        rows = np.zeros((3, bucket), dtype=np.int64)  # tokens, slots, positions
+        rows[1] = self.scratch  # padding rows write position 0 of the scratch slot only
+        rows[0, :B], rows[1, :B], rows[2, :B] = tokens, slots, positions
+        with self._lock:
+            if not self.graphs:
+                return self._decode_hidden(*self._ids(rows))[:B].cpu().numpy()
+            g = self._graphs.get(bucket) or self._capture(bucket)
+            g.inputs.copy_(torch.from_numpy(rows))
+            g.graph.replay()
+            return g.hidden[:B].cpu().numpy()  # (B, C)
+
+    def _capture(self, bucket: int) -> _Graph:
+        """Warm up on a side stream (cuBLAS workspaces, Triton compiles), then capture; a Triton
+        kernel that fails either way is dropped for the torch ops, with the reason kept."""
+        try:
+            g = self._try_capture(bucket)
+        except Exception as e:
+            if self.attention != "triton":
+                raise
+            self._attend, self.attention = torch_decode_attention, "torch"
+            self.attention_note = f"Triton kernel failed in a CUDA graph ({type(e).__name__}: {e})"
+            self._graphs.clear()
+            g = self._try_capture(bucket)
+        self._graphs[bucket] = g
+        return g
+
+    def _try_capture(self, bucket: int) -> _Graph:
+        inputs = torch.zeros((3, bucket), dtype=torch.int64, device=self.device)
+        inputs[1] = self.scratch
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_hidden(*inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            hidden = self._decode_hidden(*inputs)
+        return _Graph(graph, inputs, hidden)
+
+    @torch.inference_mode()
+    def head(self, hidden: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+        with self._lock:
+            return self._head(hidden, window).cpu().numpy()
+
+    def _head(self, hidden: np.ndarray, window: tuple[int, int]) -> torch.Tensor:
+        h = torch.as_tensor(np.asarray(hidden, dtype=np.float32)).to(self.device)  # (N, C)
+        return self._logits(h, window)
+
+    def _logits(self, h: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        """(N, C) fp32 -> fp32 logits (N, W), even from fp16/bf16 weights: rounding them to bf16
+        (8 bits) would tie the top logits and change greedy picks."""
+        w = self.lm_head[window[0] : window[1]]  # (W, C)
+        if self.dtype == torch.float32:
+            return F.linear(h, w)
+        if self._mm_fp32_out:  # accumulate in fp32 and keep it, reading the weights once
+            return torch.mm(h.to(self.dtype), w.t(), out_dtype=torch.float32)
+        return F.linear(h.to(self.dtype).float(), w.float())
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        hidden: np.ndarray,
+        window: tuple[int, int],
+        temperature: np.ndarray,
+        top_k: np.ndarray,
+        top_p: np.ndarray,
+        uniforms: np.ndarray,
+    ) -> np.ndarray:
+        """Head and sampling on the device: (N, C) hidden -> (N,) window-relative ids, the same
+        ids as facert.kernels.sampling for the same uniforms. Not used by the engine yet (it
+        samples the head's logits on the host); it is the path for keeping tokens on the GPU."""
+        from facert.kernels.sampling import sample as host_sample
+
+        params = (temperature, top_k, top_p, uniforms)
+        with self._lock:
+            logits = self._head(hidden, window)  # (N, W)
+            sampler = _triton_sampler() if self._triton_here else None
+            if sampler is None:
+                return host_sample(logits.cpu().numpy(), *params)
+            return sampler(logits, *params).cpu().numpy()  # params move to the device there
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        with self._lock:
+            self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+            self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+
+    @torch.inference_mode()
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32)).to(self.device)
+        with self._lock, _no_tf32():
+            return self.vqgan.encode(x).cpu().numpy()
+
+    @torch.inference_mode()
+    def decode_images(self, codes: np.ndarray) -> np.ndarray:
+        with self._lock, _no_tf32():
+            return self.vqgan.decode(self._ids(codes)).clamp(-1.0, 1.0).cpu().numpy()
+
+
+def _no_tf32() -> object:
+    """cuDNN convolutions in true fp32 (PyTorch lets them use TF32 by default)."""
+    return torch.backends.cudnn.flags(
+        enabled=torch.backends.cudnn.enabled,
+        benchmark=torch.backends.cudnn.benchmark,
+        deterministic=torch.backends.cudnn.deterministic,
+        allow_tf32=False,
+    )
+
+
+def _has_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm can multiply `dtype` matrices into fp32 here (CUDA, recent PyTorch)."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return False
+    try:
+        a = torch.ones(2, 2, device=device, dtype=dtype)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    if dtype == torch.bfloat16:
+        import ml_dtypes  # numpy has no bfloat16; onnx depends on ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({torch.float16: np.float16, torch.float32: np.float32}[dtype])
