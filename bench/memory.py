@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 
 from tqdm import tqdm
 
@@ -20,9 +21,10 @@ from .report import machine_line, table
 
 def _probe(kind: str, model: BenchModel, batch: int, new_tokens: int, threads: int | None) -> dict:
     args = [kind, str(model.path), str(batch), str(new_tokens), str(threads or 0)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "facert.bench.memory_probe", *args], capture_output=True, text=True
-    )
+    # run from the temporary directory: from a facert checkout, `python -m` would put the
+    # checkout's top-level kernels/ on the path, where transformers imports its own `kernels`
+    proc = subprocess.run([sys.executable, "-m", "facert.bench.memory_probe", *args],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())  # fmt: skip
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         raise FacertError(f"memory probe for {kind} at batch {batch} failed:\n{tail}")

@@ -60,7 +60,8 @@ def _face(directory: Path) -> Path:
 
 def _timed(command: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    # from the temporary directory: a checkout's top-level packages must not shadow installed ones
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tempfile.gettempdir())
     seconds = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"{' '.join(command[:3])} failed: {done.stderr.strip()[-2000:]}")
