@@ -170,9 +170,9 @@ def _transformer(g: Graph, W: _LMWeights, x: str, attention, cfg: LMConfig) -> s
     return a
 
 
-def lm_prefill_graph(w: dict[str, np.ndarray], cfg: LMConfig) -> onnx.ModelProto:
-    g = Graph("lm_prefill")
-    W = _LMWeights(g, w, cfg)
+def prompt_inputs(g: Graph, W: _LMWeights) -> tuple[str, str]:
+    """A prompt's inputs, input_ids and segment_ids (B, T) -> its embeddings (B, T, C) and the
+    additive prefix-mask bias (B, 1, T, T): what every prefill graph starts from."""
     ids = g.input("input_ids", INT64, ["batch", "length"])
     segs = g.input("segment_ids", INT64, ["batch", "length"])
     length = g.op("Gather", [g.op("Shape", [ids]), g.const(1, np.int64)])
@@ -205,6 +205,13 @@ def lm_prefill_graph(w: dict[str, np.ndarray], cfg: LMConfig) -> onnx.ModelProto
     )  # (B, 1, T, T)
     hidden_mask = g.op("Cast", [g.op("Less", [votes, g.const(2.0)])], to=FLOAT)
     bias = g.op("Mul", [hidden_mask, g.const(MASK_VALUE)])  # (B, 1, T, T)
+    return x, bias
+
+
+def lm_prefill_graph(w: dict[str, np.ndarray], cfg: LMConfig) -> onnx.ModelProto:
+    g = Graph("lm_prefill")
+    W = _LMWeights(g, w, cfg)
+    x, bias = prompt_inputs(g, W)
 
     def attention(i: int, qkv: str, qkv_bias: str) -> str:
         q, k, v = g.op("Split", [qkv], n_out=3, axis=-1)

@@ -52,6 +52,7 @@ from .onnx_graphs import (
     Graph,
     _LMWeights,
     _window,
+    prompt_inputs,
     vqgan_decoder_graph,
     vqgan_encoder_graph,
 )
@@ -157,32 +158,7 @@ def _attend(g: Graph, q: str, k: str, v: str, bias: str) -> str:
 def lm_prefill_graph(w: dict[str, np.ndarray], cfg: LMConfig, int8: bool = False) -> Graph:
     g = Graph("lm_prefill")
     W = _Weights(g, w, cfg, int8)
-    ids = g.input("input_ids", INT64, ["batch", "length"])
-    segs = g.input("segment_ids", INT64, ["batch", "length"])
-    length = g.op("Gather", [g.op("Shape", [ids]), g.const(1, np.int64)])
-    positions = g.op("Range", [g.const(0, np.int64), length, g.const(1, np.int64)])  # (T,)
-    x = g.op(
-        "Add",
-        [
-            g.op("Gather", [W.get("wte.weight"), ids]),
-            g.op("Gather", [W.get("wpe.weight"), positions]),
-        ],
-    )
-    x = g.op("Add", [x, g.op("Gather", [W.get("wse.weight"), segs])])  # (B, T, C)
-
-    # Prefix mask: key j visible to query i iff two of (seg_j == 1, seg_j > 0, j <= i) hold.
-    seg_j = g.op("Unsqueeze", [segs, g.const([1, 2], np.int64)])  # (B, 1, 1, T)
-    rows = g.op("Unsqueeze", [positions, g.const([1], np.int64)])  # (T, 1)
-
-    def as_float(flag: str) -> str:
-        return g.op("Cast", [flag], to=FLOAT)
-
-    segment_1 = as_float(g.op("Equal", [seg_j, g.const(1, np.int64)]))  # (B, 1, 1, T)
-    not_padding = as_float(g.op("Greater", [seg_j, g.const(0, np.int64)]))  # (B, 1, 1, T)
-    causal = as_float(g.op("LessOrEqual", [positions, rows]))  # (T, T): [i, j] = j <= i
-    votes = g.op("Add", [g.op("Add", [segment_1, not_padding]), causal])  # (B, 1, T, T)
-    hidden_keys = g.op("Cast", [g.op("Less", [votes, g.const(2.0)])], to=FLOAT)
-    bias = g.op("Mul", [hidden_keys, g.const(MASK_VALUE)])  # (B, 1, T, T)
+    x, bias = prompt_inputs(g, W)
 
     def attention(i: int, q: str, k: str, v: str) -> str:
         g.node("Identity", [k], [f"present_key_{i}"])
