@@ -36,8 +36,7 @@ from facert.runtime.config import (
     VQGAN_FILE,
     ModelConfig,
     load_config,
-    load_weights,
-    model_hash,
+    read_model,
 )
 from facert.runtime.errors import FacertError, InvalidArgument, ModelFileError
 from facert.runtime.files import directory_lock, staged
@@ -158,7 +157,7 @@ def _point_at(t: onnx.TensorProto, location: str, offset: int, length: int) -> N
         t.external_data.add(key=k, value=v)
 
 
-def graph_io(values) -> list[dict]:
+def _io(values) -> list[dict]:
     def dims(v):
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
 
@@ -166,6 +165,19 @@ def graph_io(values) -> list[dict]:
         return onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
 
     return [{"name": v.name, "dtype": dtype(v), "shape": dims(v)} for v in values]
+
+
+def graph_entries(graphs: dict[str, onnx.ModelProto]) -> dict[str, dict]:
+    """A manifest's "graphs": each graph's file, weights file, inputs and outputs."""
+    return {
+        n: {
+            "file": f"{n}.onnx",
+            "weights": weights_file(n),
+            "inputs": _io(m.graph.input),
+            "outputs": _io(m.graph.output),
+        }  # fmt: skip
+        for n, m in graphs.items()
+    }
 
 
 def export_engine(
@@ -204,7 +216,8 @@ def _build(
     precision: str,
     progress: Callable[[str], None] | None,
 ) -> dict:
-    lm, vqgan = load_weights(model_dir / LM_FILE), load_weights(model_dir / VQGAN_FILE)
+    files = read_model(model_dir, keep=(LM_FILE, VQGAN_FILE))  # hashed and kept in one read
+    lm, vqgan = files.weights(LM_FILE), files.weights(VQGAN_FILE)
     try:
         graphs = all_graphs(lm, vqgan, config)
     except KeyError as e:  # the header of a damaged (or foreign) weights file lost a name
@@ -230,19 +243,11 @@ def _build(
         "opset": OPSET,
         "onnx_version": onnx.__version__,
         "onnxruntime_version": onnxruntime.__version__,
-        "source_model_sha256": model_hash(model_dir),
+        "source_model_sha256": files.hash,
         "kv_cache": "per layer, keys and values (batch, heads, capacity, head_dim); lm_decode's "
         "GroupQueryAttention writes the new position in place when present_* is bound to past_*",
         "fused_ops": {n: _fused_counts(m) for n, m in graphs.items()},
-        "graphs": {
-            n: {
-                "file": f"{n}.onnx",
-                "weights": weights_file(n),
-                "inputs": graph_io(m.graph.input),
-                "outputs": graph_io(m.graph.output),
-            }  # fmt: skip
-            for n, m in graphs.items()
-        },
+        "graphs": graph_entries(graphs),
         "files": {f.name: file_sha256(f) for f in sorted(out_dir.iterdir())},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))

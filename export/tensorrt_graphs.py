@@ -390,9 +390,9 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, precision: str =
 
 def _write(graphs: dict[str, onnx.ModelProto], model_dir: Path, out: Path, precision: str) -> dict:
     from facert.runtime.config import model_hash
-    from facert.runtime.onnx_engines import MANIFEST, weights_file
+    from facert.runtime.onnx_engines import MANIFEST
 
-    from .onnx_export import file_sha256, graph_io, save_sharing_weights
+    from .onnx_export import file_sha256, graph_entries, save_sharing_weights
 
     save_sharing_weights(graphs, out)
     files = {f.name: file_sha256(f) for f in sorted(out.iterdir())}
@@ -406,15 +406,7 @@ def _write(graphs: dict[str, onnx.ModelProto], model_dir: Path, out: Path, preci
         "source_model_sha256": model_hash(model_dir),
         "graphs_sha256": graphs_hash(files),
         "kv_cache": KV_CACHE,
-        "graphs": {
-            n: {
-                "file": f"{n}.onnx",
-                "weights": weights_file(n),
-                "inputs": graph_io(m.graph.input),
-                "outputs": graph_io(m.graph.output),
-            }
-            for n, m in graphs.items()
-        },
+        "graphs": graph_entries(graphs),
         "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
