@@ -364,7 +364,7 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, precision: str =
     manifest. Refuses (FacertError) a graph that TensorRT's parser would not import. The
     manifest's `graphs_sha256` names these exact graphs in engine cache keys
     (tensorrt_build.engine_key). Atomic and serialized like `export_engine`."""
-    from facert.runtime.config import LM_FILE, VQGAN_FILE, load_config, load_weights
+    from facert.runtime.config import LM_FILE, VQGAN_FILE, load_config, read_model
     from facert.runtime.errors import FacertError, InvalidArgument
     from facert.runtime.files import directory_lock, staged
     from facert.runtime.onnx_engines import check_writable
@@ -375,21 +375,20 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, precision: str =
         )
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = load_config(model_dir)
-    lm, vqgan = load_weights(model_dir / LM_FILE), load_weights(model_dir / VQGAN_FILE)
-    graphs = tensorrt_graphs(lm, vqgan, config, precision)
+    files = read_model(model_dir, keep=(LM_FILE, VQGAN_FILE))  # hashed and kept in one read
+    graphs = tensorrt_graphs(files.weights(LM_FILE), files.weights(VQGAN_FILE), config, precision)
     problems = [p for m in graphs.values() for p in unsupported_nodes(m)]
     if problems:
         raise FacertError("TensorRT's ONNX parser would refuse: " + "; ".join(problems))
     check_writable(out_dir)
     try:
         with directory_lock(out_dir), staged(out_dir) as tmp:
-            return _write(graphs, model_dir, tmp, precision)
+            return _write(graphs, files.hash, tmp, precision)
     except OSError as e:
         raise FacertError(f"cannot write the TensorRT graph directory {out_dir}: {e}") from e
 
 
-def _write(graphs: dict[str, onnx.ModelProto], model_dir: Path, out: Path, precision: str) -> dict:
-    from facert.runtime.config import model_hash
+def _write(graphs: dict[str, onnx.ModelProto], source_hash: str, out: Path, precision: str) -> dict:
     from facert.runtime.onnx_engines import MANIFEST
 
     from .onnx_export import file_sha256, graph_entries, save_sharing_weights
@@ -403,7 +402,7 @@ def _write(graphs: dict[str, onnx.ModelProto], model_dir: Path, out: Path, preci
         "opset": OPSET,
         "ir_version": IR_VERSION,
         "onnx_version": onnx.__version__,
-        "source_model_sha256": model_hash(model_dir),
+        "source_model_sha256": source_hash,
         "graphs_sha256": graphs_hash(files),
         "kv_cache": KV_CACHE,
         "graphs": graph_entries(graphs),
