@@ -33,6 +33,7 @@ class StepEvent:
     rows: int
     tokens: int  # prompt tokens computed (prefill; a cached prefix costs none) or produced
     seconds: float
+    text_rows: int = 0  # rows that ran the wordpiece head (decode), the rest the image head
 
 
 class Engine:
@@ -144,7 +145,8 @@ class Engine:
             np.array([s.last_position for s in seqs]),
         )  # (B, C)
         self._sample(seqs, hidden)
-        self._report(StepEvent("decode", len(seqs), len(seqs), time.perf_counter() - start))
+        text = sum(1 for s in seqs if s.writes_text)
+        self._report(StepEvent("decode", len(seqs), len(seqs), time.perf_counter() - start, text))
 
     def _sample(self, seqs: list[Sequence], hidden: np.ndarray) -> None:
         """Head and sampling per vocabulary window; append each row's token and log-prob."""

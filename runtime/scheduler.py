@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .engine import StepEvent
 from .errors import DeadlineExceeded, FacertOverloaded
 from .kv_cache import PrefixCache
 from .request import PRIORITY_ANALYSIS, Request
@@ -28,6 +30,9 @@ from .sequence import Sequence
 # Free text (captions, generate-mode answers) usually stops at [SEP] long before its room runs
 # out; the cost model counts this many tokens for such a row until it has seen some finish.
 EXPECTED_TEXT_TOKENS = 24
+# Admission scales its estimates by this quantile of the last OUTCOMES_KEPT requests'
+# actual/predicted times, within MARGIN_RANGE.
+MARGIN_QUANTILE, OUTCOMES_KEPT, MARGIN_RANGE = 0.9, 32, (0.5, 4.0)
 
 
 class LinearFit:
@@ -57,9 +62,12 @@ class LinearFit:
 class StepCost:
     """Seconds the engine's work takes, learnt online: a decode step by its rows, a prefill
     call by the prompt tokens it computes (copying a cached prefix and the text head cost
-    something even when few tokens are new), the encoder per image; how long free text runs;
-    and the share of the engine's time that prompts and encoding take (`stall_share`), which
-    stalls every running row and which arrivals to come will take again."""
+    something even when few tokens are new), the encoder per image, making a task's result
+    (the VQGAN drawing a face); how long free text runs; the share of the engine's time that
+    prompts and encoding take (`stall_share`), which stalls every running row and which
+    arrivals to come will take again; and how far admitted requests overran what admission
+    predicted (`margin`), which covers what the model cannot see: more urgent requests that
+    arrive after admission, other processes on the same cores."""
 
     decay: float = 0.98
     # (image rows, text rows) -> seconds: a text row's head spans the whole wordpiece
@@ -67,15 +75,21 @@ class StepCost:
     decode_seconds: LinearFit = field(default_factory=lambda: LinearFit(features=2))
     prefill_seconds: LinearFit = field(default_factory=LinearFit)  # (tokens) -> seconds
     encode_per_image: float = 0.0
+    finish_seconds: dict[str, float] = field(default_factory=dict)  # task -> its result
     text_tokens: float = EXPECTED_TEXT_TOKENS
     _stalled: float = 0.0
     _stepped: float = 0.0
+    # actual / predicted seconds of recently admitted requests
+    _overruns: deque = field(default_factory=lambda: deque(maxlen=OUTCOMES_KEPT))
 
-    def observe_decode(self, rows: list[Sequence], seconds: float) -> None:
-        self.decode_seconds.observe(seconds, *_by_window(rows))
-
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        self.prefill_seconds.observe(seconds, tokens)
+    def observe(self, event: StepEvent) -> None:
+        """The engine's step hook: every prefill and decode call, whoever ran it (the
+        scheduler's steps, `Engine.run`), prices the next ones."""
+        if event.kind == "prefill":
+            self.prefill_seconds.observe(event.seconds, event.tokens)
+        else:
+            self.decode_seconds.observe(event.seconds, event.rows - event.text_rows,
+                                        event.text_rows)  # fmt: skip
 
     def observe_prepare(self, images: int, seconds: float) -> None:
         if images:
@@ -83,6 +97,23 @@ class StepCost:
 
     def observe_text(self, tokens: int) -> None:
         self.text_tokens = _follow(self.text_tokens, tokens)
+
+    def observe_finish(self, task: str, seconds: float) -> None:
+        self.finish_seconds[task] = _follow(self.finish_seconds.get(task, 0.0), seconds)
+
+    def observe_outcome(self, predicted: float, seconds: float) -> None:
+        """An admitted request took `seconds` (at least that, if it was cancelled for
+        overrunning) where admission predicted `predicted`."""
+        if predicted > 0:
+            self._overruns.append(seconds / predicted)
+
+    @property
+    def margin(self) -> float:
+        """What admission multiplies its estimates by: a high quantile of recent overruns
+        (1 before any), so that nearly every admitted request finishes in time."""
+        if not self._overruns:
+            return 1.0
+        return float(np.clip(np.quantile(self._overruns, MARGIN_QUANTILE), *MARGIN_RANGE))
 
     def observe_step(self, stalled: float, seconds: float) -> None:
         """A step of `seconds` in all, `stalled` of them prompts and encoding."""
@@ -101,8 +132,8 @@ class StepCost:
 
 
 def _by_window(seqs: list[Sequence]) -> tuple[int, int]:
-    """(image rows, text rows): the text window starts at id 0."""
-    text = sum(1 for s in seqs if s.window[0] == 0)
+    """(image rows, text rows)."""
+    text = sum(1 for s in seqs if s.writes_text)
     return len(seqs) - text, text
 
 
@@ -169,7 +200,8 @@ class Scheduler:
                 retry_after=retry,
             )
         if checks and req.deadline is not None:
-            eta = self.estimate_seconds(req)
+            req.predicted_seconds = self.estimate_seconds(req)
+            eta = req.predicted_seconds * self.cost.margin
             if now + eta > req.deadline:
                 raise DeadlineExceeded(
                     f"this {req.task} request needs about {eta:.2f} s at the current load, "
@@ -181,8 +213,9 @@ class Scheduler:
         """Predicted seconds until `req` would finish if admitted now (None: until the queue
         ahead of a new lowest-priority request has drained). Counts the decode work (row-steps)
         of everything ahead of it, spread over the slots that rows behind it do not hold, its
-        own rows' sequential steps, and the prompts still to prefill; every step is priced at
-        the rows it will run, rows behind it that already hold slots included."""
+        own rows' sequential steps, the prompts still to prefill and making its result; every
+        step is priced at the rows it will run, rows behind it that already hold slots
+        included."""
         ahead = [r for r in self.requests() if req is None or r.sort_key() < req.sort_key()]
         mine = [] if req is None else [req]
         seqs = [s for r in ahead + mine for s in r.seqs if not s.done]
@@ -206,6 +239,7 @@ class Scheduler:
             steps * self.cost.decode_seconds(image * scale, text * scale) / stalled
             + prompts
             + images * self.cost.encode_per_image
+            + sum(self.cost.finish_seconds.get(r.task, 0.0) for r in mine)
         )
 
     # -- the worker's side ------------------------------------------------------------------

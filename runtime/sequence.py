@@ -70,6 +70,12 @@ class Sequence:
         return total - len(self.generated)
 
     @property
+    def writes_text(self) -> bool:
+        """Its window is the wordpiece one (ids from 0), not the image codes after it: the
+        text head is the costlier one."""
+        return self.window[0] == 0
+
+    @property
     def last_position(self) -> int:
         """Position of the newest token, i.e. where the next decode step feeds it."""
         return len(self.prompt_ids) + len(self.generated) - 1

@@ -48,6 +48,7 @@ class Worker:
         self._stuck = False
         self._closed = threading.Event()  # the engine thread has stopped: the watchdog stops
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="facert-finish")
+        engine.observers.append(scheduler.cost.observe)  # prices every step, whoever runs it
         self._thread = threading.Thread(target=self._loop, name="facert-engine", daemon=True)
         self._thread.start()
         if step_timeout is not None:
@@ -152,13 +153,10 @@ class Worker:
         with self.engine.exclusive():
             self._prepare(batch)
             if batch.prefill:
-                prefill_start = time.monotonic()
                 try:
-                    tokens = self.engine.prefill(batch.prefill)
+                    self.engine.prefill(batch.prefill)
                 except Exception as e:
                     self._fail_rows(batch.prefill, e)
-                else:
-                    self.scheduler.cost.observe_prefill(tokens, time.monotonic() - prefill_start)
             running = [s for s in batch.decode + batch.prefill if s.slot >= 0 and not s.done]
             decode_start = time.monotonic()
             if running:
@@ -166,8 +164,6 @@ class Worker:
                     self.engine.decode(running)
                 except Exception as e:
                     self._fail_rows(running, e)
-                else:
-                    self.scheduler.cost.observe_decode(running, time.monotonic() - decode_start)
             self.scheduler.cost.observe_step(decode_start - start, time.monotonic() - start)
         with self._cv:
             self.last_step_at, self._step_started = time.monotonic(), None
@@ -270,6 +266,8 @@ class Worker:
         if req.future.done():  # failed by the watchdog, counted there
             return
         self.metrics.count("cancelled", "deadline")
+        if req.predicted_seconds is not None:  # it would have taken longer than this
+            self.scheduler.cost.observe_outcome(req.predicted_seconds, now - req.arrival)
         late = now - req.deadline
         _set_exception(
             req.future,
@@ -279,6 +277,7 @@ class Worker:
     def _finish(self, req: Request) -> None:
         """On the finisher thread: sequences -> the caller's result. Callbacks on the future
         (e.g. submitting the scoring half of a best-of-N) run before this returns."""
+        start = time.monotonic()
         try:
             if not req.future.set_running_or_notify_cancel():
                 return
@@ -287,8 +286,13 @@ class Worker:
             except BaseException as e:
                 req.future.set_exception(e)
                 return
-            req.future.set_result(result)
-            self.metrics.observe("request_seconds", time.monotonic() - req.arrival, req.task)
+            req.future.set_result(result)  # its callbacks run here, e.g. drawing the faces
+            now = time.monotonic()
+            self.metrics.observe("request_seconds", now - req.arrival, req.task)
+            with self._cv:
+                self.scheduler.cost.observe_finish(req.task, now - start)
+                if req.predicted_seconds is not None:
+                    self.scheduler.cost.observe_outcome(req.predicted_seconds, now - req.arrival)
         finally:
             with self._cv:
                 self._finishing -= 1

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import facert
+from facert.runtime.engine import StepEvent
 from facert.runtime.errors import (
     DeadlineExceeded,
     EngineFailure,
@@ -22,7 +23,7 @@ from facert.runtime.kv_cache import PrefixCache, SlotPool
 from facert.runtime.memory import MAX_SLOTS
 from facert.runtime.request import Request
 from facert.runtime.scheduler import Scheduler
-from facert.runtime.sequence import GREEDY, Sequence
+from facert.runtime.sequence import GREEDY, SamplingParams, Sequence
 
 TEXT = "a smiling woman with glasses"
 
@@ -135,6 +136,36 @@ def test_queue_order_is_priority_then_deadline_then_arrival():
     batch = s.schedule()  # 4 slots, one kept for priority 0: the background request waits
     assert [x.slot for x in batch.prefill] == [0, 1, 2]
     assert s.queue == [background] and pool.num_free == 1
+
+
+def test_admission_learns_how_far_admitted_requests_overran():
+    s = Scheduler(PrefixCache(SlotPool(4, 16), 0))
+    s.cost.observe(StepEvent("decode", rows=1, tokens=1, seconds=0.1, text_rows=1))
+    s.cost.observe(StepEvent("prefill", rows=1, tokens=2, seconds=0.1))
+
+    def request():
+        seq = Sequence(np.array([1, 2]), np.array([1, 1]), (0, 10), max_new_tokens=10)
+        return Request("caption", [seq], list, deadline=1.5)
+
+    fits = request()
+    s.admit(fits, now=0.0)  # 10 steps of 0.1 s and a 0.1 s prompt: 1.1 s, within 1.5
+    assert fits.predicted_seconds == pytest.approx(1.1)
+    s.drop(fits)
+    for _ in range(8):  # admitted requests took twice as long as predicted
+        s.cost.observe_outcome(1.1, 2.2)
+    assert s.cost.margin == pytest.approx(2.0)
+    with pytest.raises(DeadlineExceeded, match="needs about 2.20 s"):
+        s.admit(request(), now=0.0)
+
+
+def test_the_cost_model_prices_work_from_any_engine_call(tiny_model_dir):
+    m = _load(tiny_model_dir)
+    assert m.scheduler.cost.decode_seconds(1, 0) == 0.0  # nothing ran: it cannot refuse yet
+    m.engine.run([m.templates.to_image(TEXT, SamplingParams(seed=0), 0)])  # not scheduled
+    assert m.scheduler.cost.decode_seconds(1, 0) > 0 and m.scheduler.cost.prefill_seconds(9) > 0
+    with pytest.raises(DeadlineExceeded, match="needs about"):
+        m.generate_faces(TEXT, n=4, seed=0, candidates=4, deadline_s=0.001)
+    assert _pool_free(m)
 
 
 def test_analysis_overtakes_a_drawing_that_filled_the_cache(tiny_model_dir):
