@@ -40,17 +40,33 @@ class Facert:
             progress=False,
         )  # fmt: skip
 
-    def generate(self, batch: int, seed: int, new_tokens: int | None = None) -> Run:
+    def generate(
+        self, batch: int, seed: int, new_tokens: int | None = None, full_head: bool = False
+    ) -> Run:
         seqs = [
             self.model.templates.to_image(DESCRIPTION, SamplingParams(seed=seed), i)
             for i in range(batch)
         ]
         for s in seqs:
             s.max_new_tokens = new_tokens or s.max_new_tokens
+            if full_head:
+                s.window = (0, self.model.config.lm.vocab_size)
         return timed(lambda tick: self.model.engine.run(seqs, tick))
 
     def kv_bytes(self) -> int:
         return self.model.backend.k_cache.nbytes + self.model.backend.v_cache.nbytes
+
+
+class FullHead:
+    """facert computing the whole vocabulary's logits at every step, as (b) and (c) do, instead
+    of the 1024 image codes: beside `Facert` it shows what the kernel wins and what the window
+    wins. It shares the Facert's model."""
+
+    def __init__(self, facert: Facert):
+        self.facert, self.name = facert, f"{facert.name}, full head"
+
+    def generate(self, batch: int, seed: int, new_tokens: int | None = None) -> Run:
+        return self.facert.generate(batch, seed, new_tokens, full_head=True)
 
 
 class Transformers:
