@@ -19,7 +19,7 @@ from facert.runtime.sequence import GREEDY
 
 from .contestants import Facert
 from .models import BenchModel
-from .report import machine_line, table
+from .report import machine_line, model_table
 
 TARGET = 0.6  # of the matrix-product peak
 GEMM_SIZE = 2048
@@ -93,11 +93,7 @@ def markdown(result: dict) -> str:
                  r["peak_gflop_s"], f"{r['of_peak']:.0%}",
                  "met" if r["of_peak"] >= TARGET else "not met"]
                 for r in m["rows"]]  # fmt: skip
-        load = ", ".join(f"{x:.2f}" for x in m["load_average"])
-        lines += [
-            f"\n#### model {m['model']} (load average at the end {load})\n",
-            table(head, body),
-        ]
+        lines += model_table(m, head, body)
     return "\n".join(lines)
 
 

@@ -30,6 +30,13 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def model_table(m: dict, headers: list[str], rows: list[list]) -> list[str]:
+    """A model's results: its heading, with the load average they were taken under (a busy
+    machine shows here), and the table."""
+    load = ", ".join(f"{x:.2f}" for x in m["load_average"])
+    return [f"\n#### model {m['model']} (load average at the end {load})\n", table(headers, rows)]
+
+
 def target(name: str, value: float | None, goal: float, why: str) -> dict:
     """A speed-up against a goal; `why` says what is missing when value is None."""
     return {"name": name, "value": value, "target": goal, "why": why}

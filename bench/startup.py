@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .models import BenchModel, label
-from .report import machine_line, table
+from .report import machine_line, model_table
 
 TARGET_S = {"bundled": 1.5, "base-random": 4.0}  # process start -> first caption
 
@@ -127,11 +127,7 @@ def markdown(result: dict) -> str:
                  r.get("import_s"), r.get("load_s"), r.get("caption_s"), r.get("words"),
                  r.get("max_rss_mib"), r.get("max_opens")]
                 for r in m["rows"]]  # fmt: skip
-        load = ", ".join(f"{x:.2f}" for x in m["load_average"])
-        lines += [
-            f"\n#### model {m['model']} (load average at the end {load})\n",
-            table(head, body),
-        ]
+        lines += model_table(m, head, body)
     return "\n".join(lines)
 
 
