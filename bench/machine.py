@@ -11,13 +11,37 @@ from importlib import metadata
 import numpy as np
 
 
-def describe() -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_kind(flags: set[str]) -> str:
+    """The vector instructions the CPU kernel's products can use on this CPU: results differ
+    most between AVX-512 hosts (with VNNI for int8) and AVX2-only ones, so every results file
+    names which it came from."""
+    if {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
+        return "AVX-512 with VNNI"
+    if {"avx2", "fma"} <= flags:
+        if "avx512f" in flags:  # the kernel's AVX-512 products need BW and VNNI too
+            return "AVX-512 without VNNI/BW: the kernel's AVX2 path"
+        return "AVX2 (no AVX-512)"
+    return "no AVX2 (portable kernel)"
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(model name, feature flags) of the first CPU in /proc/cpuinfo."""
+    name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
         pass
+    return name or platform.processor() or platform.machine(), flags
+
+
+def describe() -> dict:
+    cpu, flags = _cpuinfo()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = {}
     for pkg in ("numpy", "onnxruntime", "torch", "transformers", "onnxruntime-genai"):
@@ -27,6 +51,7 @@ def describe() -> dict:
             pass
     return {
         "cpu": cpu,
+        "cpu_kind": cpu_kind(flags),
         "cores": os.cpu_count(),
         "memory_gib": round(mem, 1),
         "platform": platform.platform(),

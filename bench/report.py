@@ -12,7 +12,8 @@ def machine_line(machine: dict) -> str:
     v = machine["versions"]
     versions = ", ".join(f"{k} {v[k]}" for k in sorted(v))
     return (
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
+        f"Machine: {machine['cpu']} ({machine.get('cpu_kind', 'CPU kind not recorded')}), "
+        f"{machine['cores']} cores, {machine['memory_gib']} GiB, "
         f"{machine['platform']}, Python {machine['python']}; {versions}"
     )
 

@@ -151,3 +151,17 @@ def test_decode_scenario_states_the_machine(tiny_model_dir, tmp_path):
     result = json.loads((tmp_path / "decode.json").read_text())
     assert result["rows"][0]["floor_ms"] > 0
     assert "Machine: " in (tmp_path / "decode.md").read_text()
+
+
+def test_results_name_the_cpu_kind_their_numbers_came_from():
+    from facert.bench.machine import cpu_kind, describe
+    from facert.bench.report import machine_line
+
+    assert cpu_kind({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}) == "AVX-512 with VNNI"
+    no_vnni = "AVX-512 without VNNI/BW: the kernel's AVX2 path"
+    assert cpu_kind({"avx2", "fma", "avx512f", "avx512bw"}) == no_vnni
+    assert cpu_kind({"avx2", "fma", "avx512f", "avx512_vnni"}) == no_vnni
+    assert cpu_kind({"avx2", "fma"}) == "AVX2 (no AVX-512)"
+    assert cpu_kind({"sse4_2"}) == "no AVX2 (portable kernel)"
+    machine = describe()
+    assert f"({machine['cpu_kind']})" in machine_line(machine)
