@@ -132,6 +132,9 @@ def test_scenario_end_to_end_writes_json_markdown_and_plot(
     assert md.strip() in printed and "Machine: " in md and "|---|" in md
     names = {r.get("contestant") for r in m.get("rows", m.get("configs", []))}
     assert "facert onnxruntime fp32" in names
+    if scenario == "tasks":  # the reference drew a face end to end, and the ratio uses it
+        (timed,) = [r for r in m["rows"] if r["kind"] == "timed"]
+        assert timed["e2e_ms"]["p50"] > timed["lm_ms"] > 0 and "× reference" in md
     if scenario in ("tasks", "throughput"):
         assert "reference (full recompute, torch fp32)" in names
         for kind, name in COMPETITOR_NAMES.items():  # run, or skipped with the reason
