@@ -68,24 +68,40 @@ class Judge:
         return out
 
 
-def held_out(n: int, size: int) -> tuple[np.ndarray, list[dict[str, str]], list[str]]:
-    """n unseen faces at the model's resolution, their attributes, and a caption of each."""
-    from facert.export.synthetic import caption
-    from facert.export.train.data import EVAL_SEED, faces
+def face_seed(faces: str) -> int:
+    """The dataset seed of a face set: `evaluation` (EVAL_SEED, where settings such as the
+    reading views were chosen) or `validation` (VALID_SEED, where they are confirmed)."""
+    from facert.export.train.data import EVAL_SEED, VALID_SEED
 
-    images, attributes = faces(EVAL_SEED, range(n), size)
-    captions = [caption(a, np.random.default_rng([EVAL_SEED, i])) for i, a in enumerate(attributes)]
+    seeds = {"evaluation": EVAL_SEED, "validation": VALID_SEED}
+    if faces not in seeds:
+        raise FacertError(f"--faces must be one of {', '.join(seeds)}, not {faces!r}")
+    return seeds[faces]
+
+
+def held_out(
+    n: int, size: int, faces: str = "evaluation"
+) -> tuple[np.ndarray, list[dict[str, str]], list[str]]:
+    """n unseen faces of a face set at the model's resolution, their attributes, and a
+    caption of each."""
+    from facert.export.synthetic import caption
+    from facert.export.train.data import faces as make_faces
+
+    seed = face_seed(faces)
+    images, attributes = make_faces(seed, range(n), size)
+    captions = [caption(a, np.random.default_rng([seed, i])) for i, a in enumerate(attributes)]
     return images, attributes, captions
 
 
-def short_prompts(attributes: list[dict[str, str]]) -> list[tuple[str, list[str]]]:
+def short_prompts(
+    attributes: list[dict[str, str]], faces: str = "evaluation"
+) -> list[tuple[str, list[str]]]:
     """A caption of each face that names SHORT_PROMPT_NAMES random attributes, and those names."""
     from facert.export.synthetic import caption
-    from facert.export.train.data import EVAL_SEED
 
     prompts = []
     for i, a in enumerate(attributes):
-        rng = np.random.default_rng([EVAL_SEED, i, 1])
+        rng = np.random.default_rng([face_seed(faces), i, 1])
         names = [str(x) for x in rng.choice(list(a), SHORT_PROMPT_NAMES, replace=False)]
         prompts.append((caption(a, rng, names), names))
     return prompts
@@ -119,14 +135,15 @@ def judge_accuracy(judge: Judge, images: np.ndarray, attributes: list[dict]) -> 
 
 def evaluate(
     model: FaceModel, judge: Judge, n: int, quiet: bool = False, label: str = "",
-    candidates: int | None = None, views: int | None = None,
+    candidates: int | None = None, views: int | None = None, faces: str = "evaluation",
 ) -> dict:  # fmt: skip
-    """All measures for one loaded model on n held-out faces, drawing with `candidates` and
-    reading `views` (defaults: the model's image_candidates and reading_views)."""
+    """All measures for one loaded model on n held-out faces of a face set, drawing with
+    `candidates` and reading `views` (defaults: the model's image_candidates and
+    reading_views)."""
     candidates = model.config.image_candidates if candidates is None else candidates
     views = model.config.reading_views if views is None else views
-    images, attributes, captions = held_out(n, model.config.vqgan.resolution)
-    shorts = short_prompts(attributes)
+    images, attributes, captions = held_out(n, model.config.vqgan.resolution, faces)
+    shorts = short_prompts(attributes, faces)
     names = list(model.config.attributes)
     runs = {"": candidates, "_single": 1} if candidates > 1 else {"": 1}
     readings = {"": views, "_one_view": 1} if views > 1 else {"": 1}
@@ -175,10 +192,11 @@ def evaluate(
 def run(
     model_dir: Path | None, configs: str, n: int, threads: int | None = None,
     out_dir: Path | None = None, quiet: bool = False, candidates: int | None = None,
-    views: int | None = None,
+    views: int | None = None, faces: str = "evaluation",
 ) -> dict:  # fmt: skip
-    """Evaluate each BACKEND:PRECISION configuration ("onnxruntime:int8,torch:fp32"), print the
-    tables and write quality-MODEL.json into out_dir; returns the report."""
+    """Evaluate each BACKEND:PRECISION configuration ("onnxruntime:int8,torch:fp32") on a face
+    set, print the tables and write quality-MODEL.json (quality-MODEL-validation.json for the
+    validation faces) into out_dir; returns the report."""
     import facert
 
     from .machine import describe
@@ -190,6 +208,7 @@ def run(
         raise FacertError("--candidates must be at least 1")
     if views is not None:
         check_views(views, "--views")
+    face_seed(faces)
     model_dir = Path(model_dir or facert.BUNDLED_MODEL)
     judge = Judge(model_dir)
     results: dict[str, dict] = {}
@@ -198,13 +217,14 @@ def run(
         m = facert.load(model_dir, backend=backend, precision=precision, progress=not quiet,
                         **options)  # fmt: skip
         label = f"{backend}:{precision}"
-        results[label] = evaluate(m, judge, n, quiet, label, candidates, views)
-    images, attributes, _ = held_out(n, m.config.vqgan.resolution)
+        results[label] = evaluate(m, judge, n, quiet, label, candidates, views, faces)
+    images, attributes, _ = held_out(n, m.config.vqgan.resolution, faces)
     report = {
         "scenario": "quality",
         "model": m.config.name,
         "model_dir": str(model_dir),
         "faces": n,
+        "face_set": faces,
         "targets": TARGETS,
         "judge_on_drawn_faces": judge_accuracy(judge, images, attributes),
         "machine": describe(),
@@ -213,7 +233,8 @@ def run(
     print(table(report))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"quality-{m.config.name}.json"
+        suffix = "" if faces == "evaluation" else f"-{faces}"
+        path = out_dir / f"quality-{m.config.name}{suffix}.json"
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {path}")
     return report
@@ -223,7 +244,8 @@ def table(report: dict) -> str:
     """Markdown: one row per configuration, then accuracy per attribute."""
     rows = report["configs"]
     lines = [
-        f"quality of {report['model']} on {report['faces']} held-out faces (targets: attributes "
+        f"quality of {report['model']} on {report['faces']} held-out faces of the "
+        f"{report.get('face_set', 'evaluation')} set (targets: attributes "
         f"{TARGETS['attributes']:.0%}, caption recall {TARGETS['caption_recall']:.0%}, "
         f"faithfulness {TARGETS['faithfulness']:.0%}; judge on drawn faces "
         f"{report['judge_on_drawn_faces']:.1%})",

@@ -167,3 +167,13 @@ def test_bench_quality_writes_json(tmp_path, capsys):
     assert r["candidates"] == 32 and "faithfulness_single" in r
     assert r["views"] == 4 and "attributes_one_view" in r
     assert "| onnxruntime:fp32 |" in capsys.readouterr().out
+
+
+def test_bench_quality_confirms_on_the_validation_faces(tmp_path, capsys):
+    args = ["bench", "quality", "-n", "1", "--configs", "onnxruntime:fp32", "--candidates", "1",
+            "--views", "1", "--faces", "validation", "-q", "-o", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "quality-talk2face-synth-validation.json").read_text())
+    assert report["face_set"] == "validation" and "of the validation set" in capsys.readouterr().out
+    evaluation, validation = held_out(1, 64)[0], held_out(1, 64, "validation")[0]
+    assert not np.array_equal(evaluation, validation)  # another set of faces

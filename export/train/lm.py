@@ -34,7 +34,15 @@ from facert.runtime.tokenizer import WordPieceTokenizer
 from . import common
 from . import vqgan as vq
 from .common import Log, learning_rate, resume, save_checkpoint, script_main, set_lr, setup
-from .data import PROMPTS, SPECIAL_TOKENS, TRAIN_SEED, attribute_values, caption_of, faces
+from .data import (
+    PROMPTS,
+    SPECIAL_TOKENS,
+    TRAIN_SEED,
+    VALID_SEED,
+    attribute_values,
+    caption_of,
+    faces,
+)
 from .sequences import IGNORE, attribute_row, caption_row, collate, group_mask_bias, image_row
 
 N_LAYER, N_HEAD, N_EMBD = 4, 4, 192  # 2.1M parameters: the bundled files must stay small
@@ -71,7 +79,6 @@ class Stage:
 # answers from being forgotten (drawing rows alone drop both to near chance within 1200 steps).
 STAGES = (Stage("tasks", 4000, 1e-3, 24), Stage("drawing", 2500, 3e-4, 8))
 VALID_TEXT_FACES = 24
-VALID_SEED = 2  # monitoring only; neither training (TRAIN_SEED) nor evaluation (EVAL_SEED)
 WEIGHTS, VOCAB = "lm.safetensors", "vocab.txt"
 
 
