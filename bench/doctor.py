@@ -7,11 +7,13 @@ CPU kernel or the lm_decode graph, teacher-forced); then it times a decode step 
 The reference is the exact PyTorch model when torch is installed, else the CPU fp32 graphs (which
 CI checks against the PyTorch model and TencentPretrain's golden logits).
 
-Where PyTorch sees a CUDA GPU, the CUDA backend is checked too, at each of its precisions, against
-the CPU ONNX Runtime fp32 model: greedy codes, logits (full forward and the cached decode path),
-seeded draws (the same Philox uniforms on both sides), then a decode step at batch 1 and 16
-against the device's floor (step weight bytes / the bandwidth of a large device copy) and one
-face end to end. Without a GPU `cuda_status` says why, and only the CPU checks run.
+Where PyTorch sees a CUDA GPU, the CUDA backend is checked too, at each of its precisions, and
+where TensorRT and a GPU are, the TensorRT backend at each precision whose engines are built for
+this GPU (fp16's are built first if there are none): against the CPU ONNX Runtime fp32 model,
+greedy codes, logits (full forward and the cached decode path), seeded draws (the same Philox
+uniforms on both sides), then a decode step at batch 1 and 16 against the device's floor (step
+weight bytes / the bandwidth of a large device copy, where PyTorch can measure it) and one face
+end to end. Without them `cuda_status` / `tensorrt_status` say why, and only the CPU checks run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from facert.runtime.errors import FacertError
 from facert.runtime.model import FaceModel
 from facert.runtime.sequence import GREEDY, SamplingParams
 
@@ -75,13 +78,17 @@ def _probe_sequence(model: FaceModel) -> tuple[np.ndarray, np.ndarray]:
 
 def _decoded_logits(model: FaceModel, ids: np.ndarray, segs: np.ndarray) -> np.ndarray:
     """Logits of the generated positions through prefill + one decode step each (the KV-cache
-    path, e.g. the fused CPU kernel), teacher-forced: (L - n, V)."""
-    backend, vocab = model.backend, (0, model.config.lm.vocab_size)
+    path, e.g. the fused CPU kernel), teacher-forced: (L - n, V), the text and image heads side
+    by side (every backend holds those two; TensorRT's engines no other)."""
+    backend, t = model.backend, model.templates
     slot = np.zeros(1, dtype=np.int64)
     n = int((segs == 1).sum())
     backend.prefill(slot, [ids[:n]], [segs[:n]])
     steps = [backend.decode(slot, ids[p : p + 1], np.array([p])) for p in range(n, len(ids))]
-    return np.concatenate([backend.head(hidden, vocab) for hidden in steps])
+    return np.concatenate(
+        [np.concatenate([backend.head(h, w) for w in (t.text_window, t.image_window)], axis=1)
+         for h in steps]
+    )  # fmt: skip
 
 
 def reference_model(model_dir: Path) -> FaceModel:
@@ -140,19 +147,21 @@ def table(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
-# ---- the CUDA backend --------------------------------------------------------------------------
+# ---- the GPU backends (cuda, tensorrt) --------------------------------------------------------
 
 CUDA_PRECISIONS = ("fp32", "fp16", "bf16")
 # fp32: logits within 1e-4 of the largest |logit| and greedy codes and seeded draws identical;
 # fp16 and bf16 by top-1 agreement (tests/test_cuda_backend.py: a flip only at near ties; their
-# greedy codes and draws may part ways after one, so they are reported, not required).
-CUDA_MIN_TOP1 = {"fp32": 1.0, "fp16": 0.98, "bf16": 0.95}
-CUDA_BATCHES = (1, 16)
+# greedy codes and draws may part ways after one, so they are reported, not required); int8
+# (TensorRT) by the CPU int8 bound.
+DEVICE_MIN_TOP1 = {"fp32": 1.0, "fp16": 0.98, "bf16": 0.95, "int8": MIN_TOP1["int8"]}
+DEVICE_BATCHES = (1, 16)
 SEEDED_ROWS = 4
 
 
 @dataclass
-class CudaCheck:
+class DeviceCheck:
+    backend: str
     precision: str
     lm_path: str = ""
     top1: float = float("nan")
@@ -168,7 +177,7 @@ class CudaCheck:
 
     @property
     def passed(self) -> bool:
-        if self.error or not self.top1 >= CUDA_MIN_TOP1[self.precision]:
+        if self.error or not self.top1 >= DEVICE_MIN_TOP1[self.precision]:
             return False
         exact = self.rel_error < FP32_REL_ERROR and self.greedy_equal and self.samples_equal == 1
         return self.precision != "fp32" or exact
@@ -186,10 +195,49 @@ def cuda_status() -> tuple[bool, str]:
     return True, torch.cuda.get_device_name(0)
 
 
+def tensorrt_status() -> tuple[bool, str]:
+    """Whether the TensorRT backend can run here: (True, TensorRT and the GPU) or (False, why
+    not)."""
+    from facert.export.tensorrt_build import gpu_identity, require_tensorrt
+
+    try:
+        version = require_tensorrt()
+        name, (major, minor) = gpu_identity()
+    except FacertError as e:
+        return False, str(e)
+    return True, f"TensorRT {version} on {name} (sm_{major}{minor})"
+
+
+def tensorrt_precisions(
+    model_dir: Path, engines_root: Path | None = None, progress=None
+) -> list[str]:
+    """The precisions whose TensorRT engines are built for this GPU and model; fp16's (the
+    Jetson default) are built now if there are none."""
+    from facert.export.tensorrt_build import PRECISIONS, build, find_engines
+
+    found = []
+    for precision in PRECISIONS:
+        try:
+            find_engines(model_dir, precision, engines_root)
+        except FacertError:
+            continue
+        found.append(precision)
+    if not found:
+        build(model_dir, "fp16", engines_root=engines_root, progress=progress)
+        found = ["fp16"]
+    return found
+
+
 def device_bandwidth(size_mib: int = 1024, repeats: int = 5) -> float:
     """Bytes per second the GPU streams: a device-to-device copy far larger than its caches reads
-    and writes every byte once; the best of `repeats`, timed with CUDA events."""
-    import torch
+    and writes every byte once; the best of `repeats`, timed with CUDA events. NaN where PyTorch
+    has no CUDA (a Jetson with TensorRT alone): the floor is then not reported."""
+    try:
+        import torch
+    except ImportError:
+        return float("nan")
+    if not torch.cuda.is_available():
+        return float("nan")
 
     src = torch.empty(size_mib * 2**20, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -230,8 +278,15 @@ def time_steps(model: FaceModel, batch: int, steps: int = 20, warm: int = 3) -> 
     return float(np.median(times[warm:]))
 
 
-def run_cuda(model_dir: Path, progress=None) -> list[CudaCheck]:
-    """One check per CUDA precision against the CPU ONNX Runtime fp32 model (see the top)."""
+def run_device(
+    model_dir: Path,
+    backend: str,
+    precisions: list[str],
+    progress=None,
+    engines_root: Path | None = None,
+) -> list[DeviceCheck]:
+    """One check per precision of a GPU backend ("cuda" or "tensorrt", whose engines live under
+    `engines_root`) against the CPU ONNX Runtime fp32 model (see the top)."""
     reference = FaceModel(model_dir, precision="fp32", num_slots=SEEDED_ROWS, progress=False)
     ids, segs = _probe_sequence(reference)
     n = int((segs == 1).sum())
@@ -241,13 +296,14 @@ def run_cuda(model_dir: Path, progress=None) -> list[CudaCheck]:
     ref_draws = _seeded_draws(reference)
     bandwidth = device_bandwidth()
     checks = []
-    for precision in CUDA_PRECISIONS:
+    for precision in precisions:
         if progress:
-            progress(f"cuda {precision}")
-        check = CudaCheck(precision)
+            progress(f"{backend} {precision}")
+        check = DeviceCheck(backend, precision)
         try:
-            model = FaceModel(model_dir, backend="cuda", precision=precision,
-                              num_slots=max(CUDA_BATCHES), progress=False)  # fmt: skip
+            model = FaceModel(model_dir, backend=backend, precision=precision,
+                              engine_dir=engines_root, num_slots=max(DEVICE_BATCHES),
+                              progress=False)  # fmt: skip
             check.lm_path = model.backend.lm_path
             got_ids, _ = _probe_sequence(model)
             check.greedy_equal = bool(np.array_equal(got_ids[n:], ids[n:]))
@@ -263,9 +319,10 @@ def run_cuda(model_dir: Path, progress=None) -> list[CudaCheck]:
             check.face_s = time.perf_counter() - t
             check.face_codes = model.config.vqgan.num_codes_per_image
             # last: the timed steps write slots directly, under the engine's feet
-            check.step_ms = {b: time_steps(model, b) * 1e3 for b in CUDA_BATCHES}
-            window = model.templates.image_window
-            check.floor_ms = model.backend.step_weight_bytes(window) / bandwidth * 1e3
+            check.step_ms = {b: time_steps(model, b) * 1e3 for b in DEVICE_BATCHES}
+            if backend == "cuda":  # TensorRT picks its own kernels and layouts: no floor
+                window = model.templates.image_window
+                check.floor_ms = model.backend.step_weight_bytes(window) / bandwidth * 1e3
             check.bandwidth_gb_s = bandwidth / 1e9
             check.lm_path = model.backend.lm_path  # again: Triton may have fallen back to torch
         except Exception as e:  # one precision failing must not hide the others' results
@@ -274,19 +331,19 @@ def run_cuda(model_dir: Path, progress=None) -> list[CudaCheck]:
     return checks
 
 
-def cuda_table(checks: list[CudaCheck]) -> str:
+def device_table(checks: list[DeviceCheck]) -> str:
     lines = [
-        "| cuda | LM path | top-1 agreement | max rel. error | greedy equal | seeded draws equal "
-        "| step ms b1 | step ms b16 | floor ms | × floor b1 | one face s | |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | precision | LM path | top-1 agreement | max rel. error | greedy equal "
+        "| seeded draws equal | step ms b1 | step ms b16 | floor ms | × floor b1 | one face s | |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in checks:
         verdict = "PASS" if c.passed else f"FAIL {c.error}".strip()
         b1, b16 = c.step_ms.get(1, float("nan")), c.step_ms.get(16, float("nan"))
         lines.append(
-            f"| {c.precision} | {c.lm_path or '—'} | {c.top1:.4f} | {c.rel_error:.2e} "
-            f"| {'yes' if c.greedy_equal else 'no'} | {c.samples_equal:.2f} | {b1:.2f} "
-            f"| {b16:.2f} | {c.floor_ms:.3f} | {b1 / c.floor_ms:.1f} "
+            f"| {c.backend} | {c.precision} | {c.lm_path or '—'} | {c.top1:.4f} "
+            f"| {c.rel_error:.2e} | {'yes' if c.greedy_equal else 'no'} | {c.samples_equal:.2f} "
+            f"| {b1:.2f} | {b16:.2f} | {c.floor_ms:.3f} | {b1 / c.floor_ms:.1f} "
             f"| {c.face_s:.2f} ({c.face_codes} codes) | {verdict} |"
         )
     return "\n".join(lines)

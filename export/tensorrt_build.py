@@ -17,8 +17,10 @@ are created strongly typed: TensorRT 11 has no other kind, and in 10.x the flag 
 the graph's types instead of choosing per layer. So no FP16/INT8 builder flag is set.
 
 Everything here but `build_engines`' calls into TensorRT is plain Python and is unit-tested;
-TensorRT is imported in one place (`import_tensorrt`), which names JetPack/the wheel when it is
-missing. The build itself is written against TensorRT 10's documented Python API and has not
+whether TensorRT is there is asked in one place (`require_tensorrt`), which names JetPack/the
+wheel when it is missing; the functions that call TensorRT then import it by name, so mypy checks
+every call against tensorrt-stubs (tests/test_tensorrt_typecheck.py) and tests put a stand-in in
+sys.modules. The build itself is written against TensorRT 10's documented Python API and has not
 run on hardware in this project yet.
 """
 
@@ -30,12 +32,15 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 from facert.runtime.config import ModelConfig
 from facert.runtime.errors import FacertError, InvalidArgument
 
 from .tensorrt_graphs import GRAPHS, PRECISIONS
+
+if TYPE_CHECKING:
+    import tensorrt
 
 ENGINE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -44,8 +49,8 @@ SMALLEST_PREFILL_BUCKET = 16
 Shape = tuple[int, ...]
 
 
-def import_tensorrt() -> ModuleType:
-    """The tensorrt module, or a FacertError saying how to get it."""
+def require_tensorrt() -> str:
+    """The version of the TensorRT importable here, or a FacertError saying how to get it."""
     how = (
         "TensorRT 10 or later with its Python bindings: on a Jetson, JetPack 6.1 or later (it "
         "ships TensorRT 10.3; `sudo apt install python3-libnvinfer`); elsewhere `pip install "
@@ -55,12 +60,13 @@ def import_tensorrt() -> ModuleType:
         import tensorrt
     except ImportError as e:
         raise FacertError(f"TensorRT engines need {how}") from e
-    major = re.match(r"\d+", str(getattr(tensorrt, "__version__", "0")))
+    version = getattr(tensorrt, "__version__", None)
+    if version is None:  # a namespace package, such as the folder tensorrt-stubs installs
+        raise FacertError(f"TensorRT engines need {how} (the tensorrt here has no version)")
+    major = re.match(r"\d+", str(version))
     if major is None or int(major[0]) < 10:
-        raise FacertError(
-            f"TensorRT {tensorrt.__version__} is too old: TensorRT engines need {how}"
-        )
-    return tensorrt
+        raise FacertError(f"TensorRT {version} is too old: TensorRT engines need {how}")
+    return str(version)
 
 
 # ----------------------------------------------------------------------------- cache keys
@@ -113,13 +119,11 @@ def check_engine(manifest: dict, target: BuildTarget, model_dir: str | Path) -> 
         )
 
 
-def current_target(
-    precision: str, graphs_sha256: str, trt: ModuleType | None = None
-) -> BuildTarget:
+def current_target(precision: str, graphs_sha256: str) -> BuildTarget:
     """This machine's target: GPU 0 (through torch or cuda-python) and the TensorRT imported."""
-    trt = trt or import_tensorrt()
+    version = require_tensorrt()
     name, capability = gpu_identity()
-    return BuildTarget(name, capability, str(trt.__version__), precision, graphs_sha256)
+    return BuildTarget(name, capability, version, precision, graphs_sha256)
 
 
 def gpu_identity() -> tuple[str, tuple[int, int]]:
@@ -128,7 +132,8 @@ def gpu_identity() -> tuple[str, tuple[int, int]]:
         import torch
 
         if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0))
+            major, minor = torch.cuda.get_device_capability(0)
+            return torch.cuda.get_device_name(0), (major, minor)
     except ImportError:
         pass
     try:
@@ -252,18 +257,25 @@ def build_engines(
     max_images: int = 4,
     workspace_bytes: int = 1 << 30,
     progress: Callable[[str], None] | None = None,
-    trt: ModuleType | None = None,
+    plugins: bool = False,
 ) -> dict:
     """Build one engine per graph of a TensorRT-ready ONNX directory (tensorrt_graphs.export_
     tensorrt) into engines_root/<engine_key>/, reusing engines_root/timing.cache; returns the
-    manifest. `trt` is the tensorrt module (imported when None; tests pass a stand-in)."""
+    manifest. `plugins`: register facert's Triton kernels as TensorRT plugins first
+    (tensorrt_plugins.py; no graph calls them yet, so the engines are the same)."""
     onnx_dir, engines_root = Path(onnx_dir), Path(engines_root)
     source = json.loads((onnx_dir / MANIFEST).read_text())
     precision = source["precision"]
     if precision not in PRECISIONS:
         raise InvalidArgument(f"{onnx_dir} holds {precision!r} graphs, not TensorRT-ready ones")
-    trt = trt or import_tensorrt()
-    target = current_target(precision, source["graphs_sha256"], trt)
+    target = current_target(precision, source["graphs_sha256"])  # asks for TensorRT first
+    import tensorrt as trt
+
+    registered: list[str] = []
+    if plugins:
+        from .tensorrt_plugins import register_plugins
+
+        registered = register_plugins(target.compute_capability)
     capacity = min(config.lm.seq_length, config.lm.max_positions)
     max_prompt = max_prompt or capacity
     profiles = plan_profiles(config, max_batch, max_prompt, capacity, max_images)
@@ -276,7 +288,7 @@ def build_engines(
         if progress:
             progress(f"building {name} ({len(profiles[name])} profiles)")
         plan = _build_one(
-            trt, logger, onnx_dir / f"{name}.onnx", profiles[name], cache_path, workspace_bytes
+            logger, onnx_dir / f"{name}.onnx", profiles[name], cache_path, workspace_bytes
         )
         path = out / f"{name}.engine"
         _write_atomic(path, plan)
@@ -296,6 +308,7 @@ def build_engines(
             for n, ps in profiles.items()
         },
         "files": files,
+        "plugins": registered,
         "rebuild": rebuild_command(model_dir, precision, max_batch),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -303,13 +316,14 @@ def build_engines(
 
 
 def _build_one(
-    trt: ModuleType,
-    logger,
+    logger: tensorrt.ILogger,
     onnx_path: Path,
     profiles: list[Profile],
     cache_path: Path,
     workspace_bytes: int,
 ) -> bytes:
+    import tensorrt as trt
+
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -324,10 +338,10 @@ def _build_one(
     for p in profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in p.shapes.items():
-            profile.set_shape(name, lo, opt, hi)
+            profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
         config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
+    plan: tensorrt.IHostMemory | None = builder.build_serialized_network(network, config)
+    if plan is None:  # what TensorRT returns on failure, though its stubs do not say so
         raise FacertError(f"TensorRT could not build {onnx_path.name} (see its log above)")
     _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
@@ -351,7 +365,7 @@ def build(
     engines_root: str | Path | None = None,
     workspace_bytes: int = 1 << 30,
     progress: Callable[[str], None] | None = None,
-    trt: ModuleType | None = None,
+    plugins: bool = False,
 ) -> dict:
     """`facert build`: export the TensorRT-ready graphs (kept in ROOT/onnx-PRECISION while
     they match the model) and build their engines into ROOT/<key>/; ROOT is MODEL/tensorrt
@@ -366,7 +380,7 @@ def build(
         )
     if max_batch < 1:
         raise InvalidArgument(f"max_batch must be at least 1, not {max_batch}")
-    trt = trt or import_tensorrt()  # before minutes of export, say what is missing
+    require_tensorrt()  # before minutes of export, say what is missing
     model_dir = Path(model_dir)
     root = Path(engines_root) if engines_root else model_dir / "tensorrt"
     onnx_dir = root / f"onnx-{precision}"
@@ -384,7 +398,7 @@ def build(
         max_images,
         workspace_bytes,
         progress,
-        trt,
+        plugins,
     )
 
 
@@ -408,7 +422,6 @@ def find_engines(
     model_dir: str | Path,
     precision: str,
     engines_root: str | Path | None = None,
-    trt: ModuleType | None = None,
 ) -> tuple[Path, dict]:
     """The engine directory built for this machine (GPU, TensorRT, precision, graphs) and its
     manifest; a FacertError with the rebuild command when there is none or it does not match."""
@@ -420,7 +433,7 @@ def find_engines(
             f"no TensorRT engines for {model_dir} at {precision} (or the model changed since they "
             f"were built): build them with: {rebuild_command(model_dir, precision, 16)}"
         )
-    target = current_target(precision, graphs["graphs_sha256"], trt)
+    target = current_target(precision, graphs["graphs_sha256"])
     engine_dir = root / engine_key(target)
     try:
         manifest = json.loads((engine_dir / MANIFEST).read_text())

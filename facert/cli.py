@@ -299,7 +299,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     manifest = build(
         model_dir, precision, max_batch=max_batch, max_prompt=args.max_prompt,
         max_images=args.max_images, engines_root=args.output,
-        workspace_bytes=parse_bytes(args.workspace),
+        workspace_bytes=parse_bytes(args.workspace), plugins=args.plugins,
         progress=lambda step: print(step, file=sys.stderr),
     )  # fmt: skip
     root = args.output or model_dir / "tensorrt"
@@ -456,8 +456,8 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     m = describe()
     print(f"machine      {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['platform']}")
     print(f"packages     {', '.join(f'{k} {v}' for k, v in m['versions'].items())}")
-    checks, cuda_checks = [], []
-    if args.only != "cuda":
+    checks, device_checks = [], []
+    if args.only in (None, "onnxruntime"):
         print(f"providers    {', '.join(doctor.ort.get_available_providers())}")
         with tqdm(total=len(doctor.plan()), desc="checking", file=sys.stderr) as bar:
             reference, checks = doctor.run(
@@ -465,25 +465,32 @@ def cmd_doctor(args: argparse.Namespace) -> None:
             )
         print(f"reference    {reference} backend, fp32")
         print(doctor.table(checks))
-    cuda_ok, cuda_note = doctor.cuda_status()
-    if args.only != "onnxruntime":
-        if not cuda_ok and args.only == "cuda":
-            raise FacertError(f"doctor --only cuda needs a CUDA GPU: {cuda_note}")
-        print(f"cuda         {cuda_note if cuda_ok else f'not checked: {cuda_note}'}")
-    if cuda_ok and args.only != "onnxruntime":
-        with tqdm(total=len(doctor.CUDA_PRECISIONS), desc="cuda", file=sys.stderr) as bar:
-            cuda_checks = doctor.run_cuda(
-                model_dir, progress=lambda s: (bar.set_postfix_str(s), bar.update())
-            )
-        bandwidth = max((c.bandwidth_gb_s for c in cuda_checks), default=float("nan"))
-        print(f"cuda ref.    onnxruntime CPU fp32; device copy bandwidth {bandwidth:.0f} GB/s")
-        print(doctor.cuda_table(cuda_checks))
+    devices = {}  # backend -> (can run here, the GPU or why not)
+    for backend, status in (("cuda", doctor.cuda_status), ("tensorrt", doctor.tensorrt_status)):
+        if args.only not in (None, backend):
+            continue
+        devices[backend] = ok, note = status()
+        if not ok and args.only == backend:
+            raise FacertError(f"doctor --only {backend} cannot run here: {note}")
+        print(f"{backend:<12} {note if ok else f'not checked: {note}'}")
+        if not ok:
+            continue
+        with tqdm(desc=backend, file=sys.stderr) as bar:
+            step = lambda s: (bar.set_postfix_str(s), bar.update())  # noqa: E731
+            precisions = (list(doctor.CUDA_PRECISIONS) if backend == "cuda"
+                          else doctor.tensorrt_precisions(model_dir, progress=step))  # fmt: skip
+            device_checks += doctor.run_device(model_dir, backend, precisions, progress=step)
+    if device_checks:
+        bandwidth = max((c.bandwidth_gb_s for c in device_checks), default=float("nan"))
+        print(f"GPU ref.     onnxruntime CPU fp32; device copy bandwidth {bandwidth:.0f} GB/s")
+        print(doctor.device_table(device_checks))
     if args.json:
         report = {"machine": m, "checks": [dataclasses.asdict(c) for c in checks],
-                  "cuda": {"available": cuda_ok, "note": cuda_note,
-                           "checks": [dataclasses.asdict(c) for c in cuda_checks]}}  # fmt: skip
+                  "devices": {b: {"available": ok, "note": note} for b, (ok, note)
+                              in devices.items()},
+                  "device_checks": [dataclasses.asdict(c) for c in device_checks]}  # fmt: skip
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if not all(c.passed for c in [*checks, *cuda_checks]):
+    if not all(c.passed for c in [*checks, *device_checks]):
         raise FacertError("some checks failed (see the table above)")
 
 
@@ -619,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt", type=int, help="longest prompt (default: the KV capacity)")
     p.add_argument("--max-images", type=int, default=4, help="largest VQGAN batch (default 4)")
     p.add_argument("--workspace", default="1GiB", help="TensorRT builder workspace (default 1GiB)")
+    p.add_argument(
+        "--plugins",
+        action="store_true",
+        help="register facert's Triton kernels as TensorRT plugins and record them in the "
+        "manifest (no graph calls them yet; unverified on hardware)",
+    )
     p.add_argument("-o", "--output", type=Path, help="engines root (default MODEL/tensorrt)")
     p.set_defaults(func=cmd_build)
 
@@ -780,8 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help="facert model directory (default: the bundled model)")
     p.add_argument(
         "--only",
-        choices=["onnxruntime", "cuda"],
-        help="check only ONNX Runtime's providers, or only the CUDA backend (default: both)",
+        choices=["onnxruntime", "cuda", "tensorrt"],
+        help="check only ONNX Runtime's providers, the CUDA backend or the TensorRT backend "
+        "(default: all that can run here)",
     )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_doctor)

@@ -47,12 +47,23 @@ def test_doctor_says_plainly_when_there_is_no_cuda_gpu(tiny_model_dir, monkeypat
     assert main(["doctor", "-m", str(tiny_model_dir)]) == 0  # the CPU checks still decide
     assert f"cuda         not checked: {why}" in capsys.readouterr().out
     assert main(["doctor", "-m", str(tiny_model_dir), "--only", "cuda"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert f"doctor --only cuda cannot run here: {why}" in capsys.readouterr().err
+
+
+def test_doctor_says_plainly_when_tensorrt_cannot_run(tiny_model_dir, monkeypatch, capsys):
+    available, why = doctor.tensorrt_status()
+    if available:
+        pytest.skip("this machine has TensorRT and a GPU")
+    assert "TensorRT engines need" in why or "GPU" in why or "CUDA device" in why
+    assert main(["doctor", "-m", str(tiny_model_dir), "--only", "tensorrt"]) == 2
+    captured = capsys.readouterr()
+    assert f"doctor --only tensorrt cannot run here: {why}" in captured.err
+    assert "CPUExecutionProvider" not in captured.out  # --only: no CPU checks
 
 
 def test_cuda_checks_on_the_cpu_build_of_the_cuda_backend(tiny_model_dir, monkeypatch):
-    """run_cuda's own logic (parity, seeded draws, timings, floor) with the CUDA backend's code
-    on the CPU: on a GPU the same function runs the real device."""
+    """run_device's own logic (parity, seeded draws, timings, floor) with the CUDA backend's
+    code on the CPU: on a GPU the same function runs the real device."""
     import facert.runtime.model as model_module
     from facert.runtime.backends.cuda_backend import CudaBackend
 
@@ -69,11 +80,10 @@ def test_cuda_checks_on_the_cpu_build_of_the_cuda_backend(tiny_model_dir, monkey
 
     monkeypatch.setattr(doctor, "FaceModel", face_model)
     monkeypatch.setattr(doctor, "device_bandwidth", lambda: 1e10)
-    monkeypatch.setattr(doctor, "CUDA_PRECISIONS", ("fp32", "bf16"))
-    checks = doctor.run_cuda(tiny_model_dir)
-    assert [c.precision for c in checks] == ["fp32", "bf16"]
+    checks = doctor.run_device(tiny_model_dir, "cuda", ["fp32", "bf16"])
+    assert [(c.backend, c.precision) for c in checks] == [("cuda", "fp32"), ("cuda", "bf16")]
     fp32 = checks[0]
     assert fp32.greedy_equal and fp32.samples_equal == 1.0 and fp32.rel_error < 1e-4, fp32
     assert fp32.lm_path == "eager, torch attention" and sorted(fp32.step_ms) == [1, 16]
     assert fp32.floor_ms > 0 and fp32.face_s > 0 and fp32.face_codes > 0
-    assert all(c.passed for c in checks), doctor.cuda_table(checks)
+    assert all(c.passed for c in checks), doctor.device_table(checks)

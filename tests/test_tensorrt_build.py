@@ -1,11 +1,11 @@
 """`facert build` without TensorRT: engine cache keys, refusal of mismatched engines,
 optimization-profile planning, Jetson detection, and the build's orchestration against a
-stand-in for the tensorrt module. The real build runs only where TensorRT is installed."""
+stand-in for the tensorrt module (put in sys.modules, where the code imports it from). The real
+build runs only where TensorRT is installed."""
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import sys
 from dataclasses import replace
@@ -28,9 +28,17 @@ from facert.runtime.config import load_config
 from facert.runtime.errors import FacertError, InvalidArgument
 
 TARGET = BuildTarget("NVIDIA Jetson AGX Orin", (8, 7), "10.3.0.30", "fp16", "ab" * 32)
-requires_tensorrt = pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed"
-)
+
+
+def _has_tensorrt() -> bool:
+    try:
+        tb.require_tensorrt()
+    except FacertError:
+        return False
+    return True
+
+
+requires_tensorrt = pytest.mark.skipif(not _has_tensorrt(), reason="TensorRT is not installed")
 
 
 def test_engine_key_names_the_target_and_changes_with_every_field():
@@ -101,12 +109,15 @@ def test_profiles_cover_every_batch_and_prompt_length_once(tiny_model_dir):
 def test_missing_tensorrt_names_jetpack(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     with pytest.raises(FacertError, match="JetPack 6.1"):
-        tb.import_tensorrt()
+        tb.require_tensorrt()
     with pytest.raises(FacertError, match="TensorRT 10"):
         tb.build("no-such-model", "fp16")
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace())  # tensorrt-stubs' folder
+    with pytest.raises(FacertError, match="has no version"):
+        tb.require_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="8.6.2"))
     with pytest.raises(FacertError, match="8.6.2 is too old"):
-        tb.import_tensorrt()
+        tb.require_tensorrt()
 
 
 def test_the_backend_needs_tensorrt_and_says_so(tiny_model_dir, monkeypatch):
@@ -124,6 +135,7 @@ class _FakeTensorRT:
     __version__ = "10.3.0.30"
     NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)
     MemoryPoolType = SimpleNamespace(WORKSPACE=0)
+    Dims = tuple
 
     def __init__(self):
         self.calls: list = []
@@ -173,7 +185,10 @@ class _FakeTensorRT:
                 return Config()
 
             def create_optimization_profile(self):
-                return SimpleNamespace(set_shape=lambda name, lo, opt, hi: None)
+                def set_shape(name, lo, opt, hi):
+                    assert all(type(s) is tuple for s in (lo, opt, hi))  # made with trt.Dims
+
+                return SimpleNamespace(set_shape=set_shape)
 
             def build_serialized_network(self, network, config):
                 fake.calls.append(("build", network.path, len(config.profiles)))
@@ -195,8 +210,9 @@ class _FakeTensorRT:
 def test_build_orchestration_with_a_stand_in_for_tensorrt(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(tb, "gpu_identity", lambda: ("NVIDIA Jetson AGX Orin", (8, 7)))
     trt = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     root = tmp_path / "engines"
-    manifest = tb.build(tiny_model_dir, "fp32", max_batch=4, engines_root=root, trt=trt)
+    manifest = tb.build(tiny_model_dir, "fp32", max_batch=4, engines_root=root)
     engine_dir = root / manifest["key"]
     assert manifest["key"].startswith("nvidia-jetson-agx-orin-sm87-trt10.3.0.30-fp32-")
     assert ("network", 1 << 1) in trt.calls  # strongly typed
@@ -206,14 +222,14 @@ def test_build_orchestration_with_a_stand_in_for_tensorrt(tiny_model_dir, tmp_pa
     assert (root / tb.TIMING_CACHE).read_bytes() == b"+" * 6  # grown by each of six builds
     assert json.loads((engine_dir / "manifest.json").read_text())["files"] == manifest["files"]
 
-    found, _ = tb.find_engines(tiny_model_dir, "fp32", root, trt)
+    found, _ = tb.find_engines(tiny_model_dir, "fp32", root)
     assert found == engine_dir
     monkeypatch.setattr(tb, "gpu_identity", lambda: ("NVIDIA GeForce RTX 4090", (8, 9)))
     with pytest.raises(FacertError, match="facert build -m .* --precision fp32") as e:
-        tb.find_engines(tiny_model_dir, "fp32", root, trt)
+        tb.find_engines(tiny_model_dir, "fp32", root)
     assert manifest["key"] in str(e.value)  # names what was built here
     with pytest.raises(FacertError, match="no TensorRT engines"):
-        tb.find_engines(tiny_model_dir, "fp16", root, trt)
+        tb.find_engines(tiny_model_dir, "fp16", root)
 
 
 @requires_tensorrt
@@ -276,9 +292,11 @@ def test_older_or_unknown_jetsons_and_other_machines(tmp_path):
 
 # ----------------------------------------------------------------------------- the backend
 # The TensorRT backend's own logic (buffers, profiles, the two KV pools, staged batches, slot
-# copies) run against a simulated device: "device memory" is one numpy array, cuda-python's
-# copies are numpy copies, and each "engine" runs its ONNX graph with ONNX Runtime on the
-# tensors at the addresses bound. What this cannot check is TensorRT and CUDA themselves.
+# copies, CUDA graphs) run against a simulated device: "device memory" is one numpy array,
+# cuda-python's copies are numpy copies, each "engine" runs its ONNX graph with ONNX Runtime on
+# the tensors at the addresses bound, and a captured "CUDA graph" is the list of engine runs
+# enqueued during the capture, each replayed on what memory holds at launch. What this cannot
+# check is TensorRT and CUDA themselves.
 
 
 class _FakeCudart:
@@ -287,13 +305,40 @@ class _FakeCudart:
     cudaMemcpyKind = SimpleNamespace(
         cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3
     )
+    cudaStreamCaptureMode = SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
 
     def __init__(self, size: int = 64 << 20):
         self.mem = np.zeros(size, np.uint8)
         self.top = 4096  # address 0 stays invalid
+        self.capturing: list | None = None  # the work enqueued during a capture
+        self.launches = 0
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        assert self.capturing is None
+        self.capturing = []
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream):
+        graph, self.capturing = self.capturing, None
+        return 0, graph
+
+    def cudaGraphInstantiate(self, graph, flags):
+        return 0, list(graph)
+
+    def cudaGraphLaunch(self, executable, stream):
+        self.launches += 1
+        for work in executable:
+            work()
+        return (0,)
+
+    def cudaGraphExecDestroy(self, executable):
+        return (0,)
+
+    def cudaGraphDestroy(self, graph):
+        return (0,)
 
     def cudaStreamCreate(self):
-        return 0, "stream"
+        return 0, 7  # a handle, as cuda-python's cudaStream_t converts to
 
     def cudaStreamSynchronize(self, stream):
         return (0,)
@@ -310,6 +355,7 @@ class _FakeCudart:
         return self.cudaMemcpy2DAsync(dst, count, src, count, count, 1, kind, stream)
 
     def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, rows, kind, stream):
+        assert self.capturing is None, "copies are never captured"
         for r in range(rows):
             s, d = src + r * spitch, dst + r * dpitch
             if kind == 1:
@@ -340,11 +386,17 @@ def _simulated_tensorrt(onnx_dir, cudart: _FakeCudart):
     trt = _FakeTensorRT()
 
     class Context:
-        def __init__(self, session):
-            self.session, self.shapes, self.addresses = session, {}, {}
+        def __init__(self, engine):
+            self.engine, self.shapes, self.addresses = engine, {}, {}
+            self.session, self.runs = engine.session, 0
 
         def set_optimization_profile_async(self, index, stream):
+            owner = self.engine.profile_owners.setdefault(index, self)
+            assert owner is self, "TensorRT gives a profile to one context at a time"
             self.profile = index
+
+        def set_device_memory(self, ptr, size):
+            self.device_memory = ptr
 
         def set_input_shape(self, name, shape):
             self.shapes[name] = tuple(shape)
@@ -353,14 +405,29 @@ def _simulated_tensorrt(onnx_dir, cudart: _FakeCudart):
             self.addresses[name] = ptr
 
         def execute_async_v3(self, stream):
-            feed = {
-                i.name: cudart.read(self.addresses[i.name], self.shapes[i.name], _ORT_TYPES[i.type])
-                for i in self.session.get_inputs()
-            }
-            names = [o.name for o in self.session.get_outputs()]
-            for name, value in zip(names, self.session.run(names, feed)):
-                cudart.write(self.addresses[name], value)
+            assert type(stream) is int  # TensorRT takes the stream's handle
+            if cudart.capturing is not None:
+                assert self.runs, "TensorRT wants one run before a capture"
+                cudart.capturing.append(self.bound())
+            else:
+                self.bound()()
+            self.runs += 1
             return True
+
+        def bound(self):
+            """This run, on the shapes and addresses bound now, the data there when it runs."""
+            shapes, addresses = dict(self.shapes), dict(self.addresses)
+
+            def run():
+                feed = {
+                    i.name: cudart.read(addresses[i.name], shapes[i.name], _ORT_TYPES[i.type])
+                    for i in self.session.get_inputs()
+                }
+                names = [o.name for o in self.session.get_outputs()]
+                for name, value in zip(names, self.session.run(names, feed)):
+                    cudart.write(addresses[name], value)
+
+            return run
 
     class Engine:
         def __init__(self, plan: bytes):
@@ -368,14 +435,16 @@ def _simulated_tensorrt(onnx_dir, cudart: _FakeCudart):
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             tensors = (*self.session.get_inputs(), *self.session.get_outputs())
             self.types = {t.name: _ORT_TYPES[t.type] for t in tensors}
+            self.device_memory_size_v2, self.profile_owners = 4096, {}
 
         def get_tensor_dtype(self, name):
             return self.types[name]
 
-        def create_execution_context(self):
-            return Context(self.session)
+        def create_execution_context(self, strategy=None):
+            return Context(self)
 
     trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=Engine)
+    trt.ExecutionContextAllocationStrategy = SimpleNamespace(USER_MANAGED=2)
     trt.nptype = lambda dtype: dtype
     return trt
 
@@ -391,10 +460,10 @@ def test_backend_on_a_simulated_device_matches_torch(
     config = load_config(tiny_model_dir)
     root = tmp_path / "engines"
     cudart = _FakeCudart()
-    trt = _simulated_tensorrt(root / "onnx-fp32", cudart)
-    tb.build(tiny_model_dir, "fp32", max_batch=4, max_prompt=64, engines_root=root, trt=trt)
-    engine_dir, manifest = tb.find_engines(tiny_model_dir, "fp32", root, trt)
-    ours = TensorRTBackend(engine_dir, manifest, config, trt, cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", _simulated_tensorrt(root / "onnx-fp32", cudart))
+    tb.build(tiny_model_dir, "fp32", max_batch=4, max_prompt=64, engines_root=root)
+    engine_dir, manifest = tb.find_engines(tiny_model_dir, "fp32", root)
+    ours = TensorRTBackend(engine_dir, manifest, config, cudart)
     ref = TorchBackend(read_model(tiny_model_dir, keep=(LM_FILE, VQGAN_FILE)), config)
     capacity = min(config.lm.seq_length, config.lm.max_positions)
     for b in (ours, ref):
@@ -454,9 +523,9 @@ def test_backend_fp16_on_a_simulated_device_matches_its_graphs(
     config = load_config(tiny_model_dir)
     root = tmp_path / "engines"
     cudart = _FakeCudart()
-    trt = _simulated_tensorrt(root / "onnx-fp16", cudart)
-    tb.build(tiny_model_dir, "fp16", max_batch=2, max_prompt=32, engines_root=root, trt=trt)
-    ours = TensorRTBackend(*tb.find_engines(tiny_model_dir, "fp16", root, trt), config, trt, cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", _simulated_tensorrt(root / "onnx-fp16", cudart))
+    tb.build(tiny_model_dir, "fp16", max_batch=2, max_prompt=32, engines_root=root)
+    ours = TensorRTBackend(*tb.find_engines(tiny_model_dir, "fp16", root), config, cudart)
     capacity = min(config.lm.seq_length, config.lm.max_positions)
     ours.allocate(4, capacity)
     assert ours.cache_dtype == np.float16
@@ -474,3 +543,133 @@ def test_backend_fp16_on_a_simulated_device_matches_its_graphs(
             a = ours.decode(slots, token, positions)
             b = driver.decode(np.arange(2), token, positions)
             positions = positions + 1
+
+
+def test_decode_steps_replay_as_cuda_graphs_on_a_simulated_device(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Direct steps whose batch fills its bucket: one eager run per pool parity, then a capture,
+    then replays, each on the step's own inputs; the same hidden states as without graphs."""
+    from facert.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    monkeypatch.setattr(tb, "gpu_identity", lambda: ("Simulated GPU", (8, 7)))
+    config = load_config(tiny_model_dir)
+    root = tmp_path / "engines"
+    cudart = _FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", _simulated_tensorrt(root / "onnx-fp32", cudart))
+    tb.build(tiny_model_dir, "fp32", max_batch=4, max_prompt=32, engines_root=root)
+    found = tb.find_engines(tiny_model_dir, "fp32", root)
+    graphed, eager = (TensorRTBackend(*found, config, cudart, graphs=g) for g in (True, False))
+    capacity = min(config.lm.seq_length, config.lm.max_positions)
+    ids = [np.array([101, 2000, 2001, 102]), np.array([101, 2002, 102])]
+    segs = [np.ones(len(x), np.int64) for x in ids]
+    lo = config.lm.text_vocab_size
+    results = []
+    for backend in (graphed, eager):
+        backend.allocate(4, capacity)
+        slots = np.array([0, 1])  # a direct step of 2 rows fills the bucket of 2
+        hidden = [backend.prefill(slots, ids, segs)]
+        positions = np.array([len(x) for x in ids])
+        for step in range(6):
+            tokens = backend.head(hidden[-1], (lo, config.lm.vocab_size)).argmax(1) + lo
+            hidden.append(backend.decode(slots, tokens, positions + step))
+        three = (np.array([0, 1, 2]), np.append(tokens, lo), np.append(positions + 6, 0))
+        hidden.append(backend.decode(*three))  # direct but 3 rows of a bucket of 4: eager
+        results.append(np.concatenate(hidden))
+    assert sorted(graphed.decode_graphs) == [(1, 0), (1, 1)]  # bucket 2, both parities
+    assert cudart.launches == 4 and not eager.decode_graphs
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+class _FakeDriver:
+    """cuModuleLoadData / cuModuleGetFunction / cuLaunchKernel over _FakeCudart's memory: a
+    launch of the sampling entry runs facert's CPU sampler on the arguments, read by the names
+    of the manifest's signature (so the backend must pass them in that order)."""
+
+    def __init__(self, cudart: _FakeCudart):
+        self.cudart, self.launches = cudart, 0
+
+    def cuModuleLoadData(self, image):
+        assert image.endswith(b"\0") and b".entry _sample_kernel(" in image
+        return 0, "module"
+
+    def cuModuleGetFunction(self, module, name):
+        return 0, name.decode()
+
+    def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        from facert.export.tensorrt_plugins import load_manifest, select_ptx
+        from facert.kernels.sampling import sample
+
+        entry = select_ptx("sampling", (8, 7), load_manifest())
+        assert function == entry["entry"] and type(stream) is int
+        assert [bx, by, bz] == entry["block"] and shared == entry["shared_bytes"]
+        values, types = params
+        names = list(entry["signature"])
+        assert len(values) == len(types) == len(names) + entry["scratch_params"]
+        for kind, name in zip(types, names):
+            assert kind is (ctypes.c_int if entry["signature"][name] == "i32" else ctypes.c_void_p)
+        a = dict(zip(names, values))
+        rows, vocab, read = gx, a["vocab"], self.cudart.read
+        assert a["stride_row"] == vocab and (gy, gz) == (1, 1)
+        tokens = sample(
+            read(a["logits"], (rows, vocab), np.float32),
+            *(read(a[n], (rows,), t) for n, t in
+              (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+               ("uniform", np.float32))),
+        )  # fmt: skip
+        self.cudart.write(a["out"], tokens)
+        self.launches += 1
+        return (0,)
+
+
+def test_device_sampler_on_a_simulated_device(tiny_model_dir, tmp_path, monkeypatch):
+    """`sample` = the head engine, then the sampling PTX on its logits: the CPU sampler's ids
+    on the head's logits, in chunks of max_batch rows."""
+    from facert.kernels.sampling import sample as host_sample
+    from facert.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    monkeypatch.setattr(tb, "gpu_identity", lambda: ("Simulated GPU", (8, 7)))
+    config = load_config(tiny_model_dir)
+    root = tmp_path / "engines"
+    cudart = _FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", _simulated_tensorrt(root / "onnx-fp32", cudart))
+    tb.build(tiny_model_dir, "fp32", max_batch=4, max_prompt=32, engines_root=root)
+    driver = _FakeDriver(cudart)
+    ours = TensorRTBackend(*tb.find_engines(tiny_model_dir, "fp32", root), config, cudart,
+                           driver=driver)  # fmt: skip
+    rng = np.random.default_rng(1)
+    hidden = rng.standard_normal((6, config.lm.n_embd)).astype(np.float32)
+    params = (
+        np.array([0.0, 1.0, 0.7, 1.3, 1.0, 2.0], np.float32),  # temperature (0: greedy)
+        np.array([0, 5, 70, 0, 1, 10**6]),  # top_k (0 and >= V: off)
+        np.array([0.0, 0.9, 0.5, 1.0, 0.3, 0.95], np.float32),  # top_p
+        rng.random(6).astype(np.float32),  # uniforms
+    )
+    lm = config.lm
+    for window in ((0, lm.text_vocab_size), (lm.text_vocab_size, lm.vocab_size)):
+        want = host_sample(ours.head(hidden, window), *params)
+        np.testing.assert_array_equal(ours.sample(hidden, window, *params), want)
+    assert driver.launches == 4  # 6 rows in chunks of 4, two windows
+
+
+def test_doctor_checks_the_tensorrt_backend_on_a_simulated_device(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """`facert doctor`'s TensorRT checks (engines found, parity with the CPU reference, seeded
+    draws, step timings, one face) through FaceModel(backend="tensorrt") on the simulated
+    device: on a GPU the same function runs the real engines."""
+    from facert.bench import doctor
+    from facert.runtime.backends import tensorrt_backend
+
+    monkeypatch.setattr(tb, "gpu_identity", lambda: ("Simulated GPU", (8, 7)))
+    root = tmp_path / "engines"
+    cudart = _FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", _simulated_tensorrt(root / "onnx-fp32", cudart))
+    monkeypatch.setattr(tensorrt_backend, "_cudart", lambda: cudart)
+    tb.build(tiny_model_dir, "fp32", engines_root=root)
+    assert doctor.tensorrt_precisions(tiny_model_dir, root) == ["fp32"]  # found, none built
+    (check,) = doctor.run_device(tiny_model_dir, "tensorrt", ["fp32"], engines_root=root)
+    assert (check.backend, check.lm_path) == ("tensorrt", "TensorRT engines"), check
+    assert check.greedy_equal and check.samples_equal == 1.0 and check.rel_error < 1e-4, check
+    assert sorted(check.step_ms) == [1, 16] and check.face_s > 0 and check.face_codes > 0
+    assert check.passed and "| tensorrt | fp32 |" in doctor.device_table([check])
