@@ -223,17 +223,13 @@ def _in_order(items: list, submit, in_flight: int):
 def cmd_analyze(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from facert.runtime.worker import then
-
     m = _load(args)
     names = args.attributes or ",".join(m.config.attributes)
     images = _image_paths(args.images)
     failed = 0
 
-    def submit(image: str):
-        reading = m.reading_quality(image)  # while the engine reads the images before it
-        answers = m.submit("attributes", image, names, mode=args.mode, views=args.views)
-        return then(answers, lambda attributes: (attributes, reading))
+    def submit(image: str):  # one VQGAN encode of the face for its answers and its reading
+        return m.submit("analyze", image, names, mode=args.mode, views=args.views)
 
     with tqdm(total=len(images), unit="img", desc="analyzing", disable=len(images) < 2) as bar:
         for image, outcome in _in_order(images, submit, 2 * m.engine.pool.num_slots):
@@ -245,7 +241,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                 else:
                     bar.write(f"facert: error: {image}: {outcome}", file=sys.stderr)
                 continue
-            attributes, reading = outcome
+            attributes, reading = outcome["attributes"], outcome["reading"]
             if args.json:
                 line = {"image": image, "attributes": attributes, "reading": reading}
                 print(json.dumps(line), flush=True)

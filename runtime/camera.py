@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -152,9 +152,7 @@ class Reading:
     frame: int
     t: float
     started: float  # time.monotonic() when submitted
-    answers: Future
-    quality: Future
-    finished: float | None = None  # time.monotonic() when both futures were done
+    analysis: Future  # FaceModel.analyze's: the answers and the reading's quality
 
 
 @dataclass
@@ -287,9 +285,8 @@ def attribute_names(model: Any, names: Iterable[str] | str | None) -> list[str]:
 
 class Pipeline:
     """Detection, tracking and readings for one stream of frames. `model` None: the detector
-    alone (no readings). The model's `reading_quality` runs beside each reading, on a
-    thread of the pipeline's own, so each reading says whether the model can be trusted on
-    that face."""
+    alone (no readings). Each reading is the model's `analyze` (one VQGAN encode of the face
+    for both), so it says whether the model can be trusted on that face."""
 
     def __init__(
         self,
@@ -306,7 +303,6 @@ class Pipeline:
         self.names = [] if model is None else attribute_names(model, names)
         self.tracker = Tracker()
         self.stats = Stats()
-        self._quality = ThreadPoolExecutor(1, thread_name_prefix="facert-quality")
 
     def process(self, frame: Frame) -> tuple[dict[str, Any], list[Track]]:
         """One frame -> (its JSON record, the tracks seen in it). Starts readings that are due
@@ -343,12 +339,11 @@ class Pipeline:
             return False
         crop = crop_face(frame.image, track.box)
         try:
-            answers = self.model.submit("attributes", crop, self.names, views=self.views)
+            analysis = self.model.submit("analyze", crop, self.names, views=self.views)
         except FacertOverloaded:
             self.stats.readings_refused += 1
             return False
-        quality = self._quality.submit(self.model.reading_quality, crop)
-        track.reading = Reading(frame.index, frame.t, time.monotonic(), answers, quality)
+        track.reading = Reading(frame.index, frame.t, time.monotonic(), analysis)
         track.started_t = frame.t
         track.readings += 1
         self.stats.readings_started += 1
@@ -356,17 +351,18 @@ class Pipeline:
 
     def _collect(self, track: Track) -> None:
         reading = track.reading
-        if reading is None or not (reading.answers.done() and reading.quality.done()):
+        if reading is None or not reading.analysis.done():
             return
         track.reading = None
         try:
-            answers, quality = reading.answers.result(), reading.quality.result()
+            analysis = reading.analysis.result()
         except FacertError as e:
             self.stats.readings_failed += 1
             track.last = {"frame": reading.frame, "t": round(reading.t, 4), "error": str(e)}
             return
         self.stats.readings_done += 1
         self.stats.reading_latency.append(time.monotonic() - reading.started)
+        answers, quality = analysis["attributes"], analysis["reading"]
         track.last = {
             "frame": reading.frame,
             "t": round(reading.t, 4),
@@ -378,8 +374,7 @@ class Pipeline:
         }
 
     def _cancel(self, reading: Reading) -> None:
-        reading.answers.cancel()
-        reading.quality.cancel()
+        reading.analysis.cancel()
         self.stats.readings_cancelled += 1
 
     def close(self) -> None:
@@ -388,7 +383,6 @@ class Pipeline:
             if track.reading is not None:
                 self._cancel(track.reading)
                 track.reading = None
-        self._quality.shutdown(wait=True)
 
 
 GREEN, ORANGE, GREY = (60, 200, 60), (0, 150, 255), (200, 200, 200)  # BGR

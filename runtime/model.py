@@ -42,7 +42,7 @@ from .tokenizer import WordPieceTokenizer
 from .worker import Worker, then
 
 DEFAULT_SLOTS = 16
-TASKS = ("generate_faces", "edit_face", "caption", "attributes")
+TASKS = ("generate_faces", "edit_face", "caption", "attributes", "analyze")
 
 
 def _task(submit: Callable[..., Future]) -> Callable[..., Any]:
@@ -178,8 +178,8 @@ class FaceModel:
         return self._worker.health()
 
     def submit(self, task: str, *args: Any, **kwargs: Any) -> Future:
-        """Start `task` ("generate_faces", "edit_face", "caption" or "attributes", with its
-        arguments) and return a concurrent.futures.Future of its result at once. Bad arguments
+        """Start `task` ("generate_faces", "edit_face", "caption", "attributes" or "analyze", with
+        its arguments) and return a concurrent.futures.Future of its result at once. Bad arguments
         and an unreadable image raise here; a full queue raises FacertOverloaded and a deadline
         the model cannot meet DeadlineExceeded. Cancelling the future frees the request's
         cache slots within one step."""
@@ -202,6 +202,10 @@ class FaceModel:
     async def aattributes(self, *args: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
         """Awaitable attributes (same arguments)."""
         return await _awaited(functools.partial(self.submit, "attributes", *args, **kwargs))
+
+    async def aanalyze(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Awaitable analyze (same arguments)."""
+        return await _awaited(functools.partial(self.submit, "analyze", *args, **kwargs))
 
     def _request(
         self,
@@ -457,6 +461,37 @@ class FaceModel:
         generate: greedy free text; "prob" is the probability of the generated answer.
         Every question about the face is one request, its rows decoded together.
         """
+        return self._read(image, names, mode, views, priority, deadline_s)
+
+    @_task
+    def analyze(
+        self,
+        image: ImageLike,
+        names: str | Iterable[str],
+        mode: str = "score",
+        views: int | None = None,
+        priority: int | None = None,
+        deadline_s: float | None = None,
+    ) -> dict[str, Any]:
+        """attributes(image, names, ...) and reading_quality(image) of one face from a single
+        VQGAN encode -> {"attributes": attributes' result, "reading": reading_quality's}. The
+        reading redraws the codes the answers were read from (the face's own view), on the
+        thread that makes results, never the engine's."""
+        return self._read(image, names, mode, views, priority, deadline_s, with_reading=True)
+
+    def _read(
+        self,
+        image: ImageLike,
+        names: str | Iterable[str],
+        mode: str,
+        views: int | None,
+        priority: int | None,
+        deadline_s: float | None,
+        with_reading: bool = False,
+    ) -> Future:
+        """The request behind attributes and analyze: every question about the face, its views
+        encoded in one call; `with_reading` adds the reading of view 0's codes (the first rows
+        of either mode hold view 0)."""
         names = self._names(names)
         if mode not in ("score", "generate"):
             raise InvalidArgument(f"mode must be 'score' or 'generate', not {mode!r}")
@@ -475,17 +510,40 @@ class FaceModel:
         t = self.templates
         if mode == "generate":
             seqs = [t.to_attribute(self._blank_codes(), n) for n in names]
-            return self._request("attributes", seqs, lambda seqs: {
-                n: {"value": t.text_of(s), "prob": float(np.exp(sum(s.logprobs)))}
-                for n, s in zip(names, seqs)
-            }, priority, deadline, images=x)  # fmt: skip
+
+            def answers(seqs: list[Sequence]) -> dict[str, dict[str, Any]]:
+                return {
+                    n: {"value": t.text_of(s), "prob": float(np.exp(sum(s.logprobs)))}
+                    for n, s in zip(names, seqs)
+                }
+
+            row_views = None  # every row reads view 0
+        else:
+            seqs, row_views, answers = self._scored(names, n_views)
+        if not with_reading:
+            return self._request("attributes", seqs, answers, priority, deadline, images=x,
+                                 views=row_views)  # fmt: skip
+
+        def analysis(seqs: list[Sequence]) -> dict[str, Any]:
+            reading = self._reading(x[:1], t.image_codes(seqs[0])[None])
+            return {"attributes": answers(seqs), "reading": reading}
+
+        return self._request("analyze", seqs, analysis, priority, deadline, images=x,
+                             views=row_views)  # fmt: skip
+
+    def _scored(
+        self, names: list[str], n_views: int
+    ) -> tuple[list[Sequence], list[int], Callable[[list[Sequence]], dict[str, dict[str, Any]]]]:
+        """Score mode's rows (every candidate answer to every question, view after view), the
+        view each row reads, and how their log-probabilities become the answers."""
+        t, known = self.templates, self.config.attributes
         questions = [(n, v) for n in names for v in known[n]]
         seqs = [
             t.to_attribute(self._blank_codes(view=view), n, forced=t.candidate_ids(v))
             for view in range(n_views)
             for n, v in questions
         ]
-        views = [v for v in range(n_views) for _ in questions]
+        row_views = [v for v in range(n_views) for _ in questions]
 
         def answers(seqs: list[Sequence]) -> dict[str, dict[str, Any]]:
             logprobs = np.array([sum(s.logprobs) for s in seqs]).reshape(n_views, len(questions))
@@ -503,8 +561,7 @@ class FaceModel:
                 start += len(values)
             return out
 
-        return self._request("attributes", seqs, answers, priority, deadline, images=x,
-                             views=views)  # fmt: skip
+        return seqs, row_views, answers
 
     def _names(self, names: str | Iterable[str]) -> list[str]:
         """Attribute names as given: a comma-separated str or an iterable of str."""
@@ -535,12 +592,15 @@ class FaceModel:
         model's VQGAN, encoded and decoded; higher = more like the model's training faces.
         reliable: score >= threshold, the model's calibration on held-out faces (facert.json's
         reading_calibration); both None when the model has none. One VQGAN encode and decode."""
-        from .reading_quality import reading, vqgan_psnr
-
         x = self.image_tokenizer.model_input([image])  # (1, 3, H, W)
-        score = vqgan_psnr(
-            x, self.config.image_scaling, self.backend.encode_images, self.backend.decode_images
-        )[0]
+        return self._reading(x, self.backend.encode_images(x))
+
+    def _reading(self, x: np.ndarray, codes: np.ndarray) -> dict[str, Any]:
+        """One face (1, 3, H, W) and its codes (1, T) -> its reading (see reading_quality)."""
+        from .reading_quality import reading, redrawn_psnr
+
+        redrawn = self.backend.decode_images(codes)
+        score = redrawn_psnr(x, self.config.image_scaling, redrawn)[0]
         return reading(score, self.config.reading_calibration)
 
 

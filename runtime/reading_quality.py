@@ -37,10 +37,16 @@ def vqgan_psnr(
 ) -> np.ndarray:
     """Scaled encoder input float32 [N, 3, H, W] (as images.model_input makes it) -> each face's
     score: PSNR in dB of decode(encode(x)) (in [-1, 1]) against x's pixels."""
+    return redrawn_psnr(x, scaling, decode(encode(x)))
+
+
+def redrawn_psnr(x: np.ndarray, scaling: str, redrawn: np.ndarray) -> np.ndarray:
+    """vqgan_psnr from the faces x and their redrawing, the decoder's output [N, 3, H, W] for
+    x's codes (for a caller that encoded x already)."""
     pixels = x.astype(np.float64)
     for _ in range(IMAGE_SCALINGS[scaling]):  # undo images.scale_pixels: back to [0, 1]
         pixels = (pixels + 1.0) / 2.0
-    redrawn = (np.clip(decode(encode(x)), -1.0, 1.0).astype(np.float64) + 1.0) / 2.0
+    redrawn = (np.clip(redrawn, -1.0, 1.0).astype(np.float64) + 1.0) / 2.0
     mse = ((pixels - redrawn) ** 2).mean(axis=(1, 2, 3))
     return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
 

@@ -468,22 +468,20 @@ def create_app(
         rgb, faces = await asyncio.to_thread(_find_faces, model, detector, data, face_crop)
         futures: list[Future] = []
         try:
-            for _box, face in faces:
+            for _box, face in faces:  # one VQGAN encode per face: its answers and its reading
                 options = {"views": views, "deadline_s": _deadline_s(request)}
-                futures.append(await _submit(model, "attributes", face, names, **options))
-            # how far to trust each reading, measured while the engine reads
-            readings = await asyncio.to_thread(lambda: [model.reading_quality(f) for _, f in faces])
+                futures.append(await _submit(model, "analyze", face, names, **options))
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
-        answers = await _results(request, futures)
+        analyses = await _results(request, futures)
         return {
             "width": rgb.shape[1],
             "height": rgb.shape[0],
             "faces": [
-                {"box": box, "attributes": a, "reading": r}
-                for (box, _), a, r in zip(faces, answers, readings)
+                {"box": box, "attributes": a["attributes"], "reading": a["reading"]}
+                for (box, _), a in zip(faces, analyses)
             ],
         }
 

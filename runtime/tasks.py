@@ -77,6 +77,11 @@ class Templates:
         start, stop = seq.image_span
         seq.prompt_ids[start:stop] = codes[: stop - start] + self.config.lm.text_vocab_size
 
+    def image_codes(self, seq: Sequence) -> np.ndarray:
+        """The codes a prompt holds at its image span (what place_codes wrote)."""
+        start, stop = seq.image_span
+        return seq.prompt_ids[start:stop] - self.config.lm.text_vocab_size
+
     def codes_of(self, seq: Sequence) -> np.ndarray:
         """A drawing's image codes: any kept in its prompt (segment 2), then those drawn."""
         kept = seq.prompt_ids[seq.prompt_segs == 2]

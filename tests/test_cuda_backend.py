@@ -31,7 +31,7 @@ import facert.runtime.model as model_module
 from facert import BUNDLED_MODEL, FaceModel, FacertError, InvalidArgument
 from facert.runtime.backends import create_backend
 from facert.runtime.backends.cuda_backend import CudaBackend, buckets_for, torch_decode_attention
-from facert.runtime.config import load_config
+from facert.runtime.config import LM_FILE, VQGAN_FILE, ModelFiles, load_config, read_model
 from facert.runtime.sequence import GREEDY, SamplingParams
 
 FP32_REL_ERROR = 1e-5
@@ -44,12 +44,17 @@ gpu = pytest.mark.gpu
 no_gpu_skip = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 
 
+def model_files(model_dir=BUNDLED_MODEL) -> ModelFiles:
+    """A model directory read as create_backend reads it for the cuda backend."""
+    return read_model(model_dir, keep=(LM_FILE, VQGAN_FILE))
+
+
 def cpu_cuda_model(model_dir, precision: str = "fp32") -> FaceModel:
     """A FaceModel on the CUDA backend's code running on the CPU (create_backend refuses
     backend="cuda" without a GPU, so the test builds the backend itself)."""
 
     def make(name, path, config, **_):
-        return CudaBackend(path, config, precision, device="cpu")
+        return CudaBackend(model_files(path), config, precision, device="cpu")
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model_module, "create_backend", make)
@@ -122,7 +127,7 @@ def test_fp32_full_forward_and_public_api_match(reference, cuda_fp32, codes):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_low_precision_agrees_on_top1(reference, codes, precision):
-    backend = CudaBackend(BUNDLED_MODEL, reference.config, precision, device="cpu")
+    backend = CudaBackend(model_files(), reference.config, precision, device="cpu")
     backend.allocate(2, reference.config.lm.seq_length)
     seqs = task_sequences(reference, codes)
     reference.engine.run(seqs)
@@ -135,7 +140,7 @@ def test_low_precision_agrees_on_top1(reference, codes, precision):
 
 
 def test_bucket_padding_does_not_change_a_row(reference):
-    backend = CudaBackend(BUNDLED_MODEL, reference.config, "fp32", device="cpu")
+    backend = CudaBackend(model_files(), reference.config, "fp32", device="cpu")
     backend.allocate(5, 64)
     assert backend.buckets == [1, 2, 4, 8] and backend.scratch == 5 == backend.k_cache.shape[1] - 1
     rng = np.random.default_rng(0)
@@ -153,7 +158,7 @@ def test_bucket_padding_does_not_change_a_row(reference):
 
 
 def test_copy_slot_continues_identically(reference):
-    backend = CudaBackend(BUNDLED_MODEL, reference.config, "fp32", device="cpu")
+    backend = CudaBackend(model_files(), reference.config, "fp32", device="cpu")
     backend.allocate(3, 64)
     ids = np.arange(5, 25)
     backend.prefill(np.array([0]), [ids], [np.ones(20, dtype=np.int64)])
@@ -183,13 +188,13 @@ def test_torch_decode_attention_is_the_reference_attention():
 def test_backend_options_and_why_it_chose_its_attention(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # another test module may set it
     config = load_config(BUNDLED_MODEL)
-    backend = CudaBackend(BUNDLED_MODEL, config, "fp32", device="cpu")
+    backend = CudaBackend(model_files(), config, "fp32", device="cpu")
     assert (backend.attention, backend.graphs) == ("torch", False)
     assert "CPU" in backend.attention_note
     with pytest.raises(FacertError, match="triton"):
-        CudaBackend(BUNDLED_MODEL, config, "fp32", device="cpu", attention="triton")
+        CudaBackend(model_files(), config, "fp32", device="cpu", attention="triton")
     with pytest.raises(FacertError, match="precision"):
-        CudaBackend(BUNDLED_MODEL, config, "int8", device="cpu")
+        CudaBackend(model_files(), config, "int8", device="cpu")
     assert buckets_for(1) == [1] and buckets_for(16) == [1, 2, 4, 8, 16]
     assert buckets_for(17)[-1] == 32
 
@@ -205,12 +210,40 @@ def test_create_backend_names_the_fix_without_a_gpu():
     assert "backend='torch'" in str(e.value)
 
 
+def test_create_backend_reads_each_model_file_once(monkeypatch):
+    """create_backend("cuda") hands the backend the files read_model read while hashing them:
+    no file of the model is opened twice (run on the CPU: a GPU is only pretended)."""
+    import functools
+
+    from facert.runtime.backends import cuda_backend
+
+    config = load_config(BUNDLED_MODEL)
+    cpu = functools.partial(cuda_backend.CudaBackend, device="cpu")
+    monkeypatch.setattr(cuda_backend, "CudaBackend", cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    opened: list[str] = []
+    recording = [True]  # an audit hook cannot be removed: it stops recording after the call
+
+    def record(event: str, args: tuple) -> None:
+        if recording[0] and event == "open" and isinstance(args[0], (str, os.PathLike)):
+            opened.append(os.fspath(args[0]))
+
+    sys.addaudithook(record)
+    try:
+        backend = create_backend("cuda", BUNDLED_MODEL, config, precision="fp32")
+    finally:
+        recording[0] = False
+    assert backend.name == "cuda"
+    weights = [Path(p).name for p in opened if Path(p).suffix == ".safetensors"]
+    assert sorted(weights) == [LM_FILE, VQGAN_FILE], opened
+
+
 def interpreted_triton_check() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1 (it must be set before the kernels import):
     the backend's decode path with the Triton attention kernel and sampler on CPU tensors."""
     config = load_config(BUNDLED_MODEL)
-    triton = CudaBackend(BUNDLED_MODEL, config, "fp32", device="cpu", attention="triton")
-    plain = CudaBackend(BUNDLED_MODEL, config, "fp32", device="cpu", attention="torch")
+    triton = CudaBackend(model_files(), config, "fp32", device="cpu", attention="triton")
+    plain = CudaBackend(model_files(), config, "fp32", device="cpu", attention="torch")
     assert triton.attention == "triton", triton.attention_note
     lo, hi = config.lm.text_vocab_size, config.lm.vocab_size
     prompts = [np.arange(1, 1 + n) for n in (20, 9, 14)]
@@ -253,14 +286,14 @@ def test_triton_kernels_in_the_backend_under_the_interpreter():
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_gpu_graphs_match_eager_and_the_reference(reference, codes, precision):
     config = reference.config
-    graphed = CudaBackend(BUNDLED_MODEL, config, precision)  # Triton attention when it imports
+    graphed = CudaBackend(model_files(), config, precision)  # Triton attention when it imports
     graphed.allocate(4, config.lm.seq_length)
     seqs = task_sequences(reference, codes)
     reference.engine.run(seqs)
     expected = np.concatenate([teacher_forced_logits(reference.backend, s) for s in seqs])
     got = np.concatenate([teacher_forced_logits(graphed, s) for s in seqs])
     # the same attention as the graphs ran (it falls back to torch ops if Triton fails in one)
-    eager = CudaBackend(BUNDLED_MODEL, config, precision, graphs=False, attention=graphed.attention)
+    eager = CudaBackend(model_files(), config, precision, graphs=False, attention=graphed.attention)
     eager.allocate(4, config.lm.seq_length)
     assert graphed.graphs and not eager.graphs
     eager_logits = np.concatenate([teacher_forced_logits(eager, s) for s in seqs])
@@ -299,8 +332,8 @@ def test_gpu_triton_kernel_inside_the_graph(reference, codes):
     if os.environ.get("TRITON_INTERPRET") == "1":  # e.g. set by another test module's import
         pytest.skip("TRITON_INTERPRET=1 in this process: run `pytest -m gpu` on this file alone")
     config = reference.config
-    triton = CudaBackend(BUNDLED_MODEL, config, "fp16", attention="triton")
-    plain = CudaBackend(BUNDLED_MODEL, config, "fp16", attention="torch")
+    triton = CudaBackend(model_files(), config, "fp16", attention="triton")
+    plain = CudaBackend(model_files(), config, "fp16", attention="torch")
     seq = task_sequences(reference, codes)[0]
     reference.engine.run([seq])
     for b in (triton, plain):

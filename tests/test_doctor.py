@@ -66,12 +66,14 @@ def test_cuda_checks_on_the_cpu_build_of_the_cuda_backend(tiny_model_dir, monkey
     code on the CPU: on a GPU the same function runs the real device."""
     import facert.runtime.model as model_module
     from facert.runtime.backends.cuda_backend import CudaBackend
+    from facert.runtime.config import LM_FILE, VQGAN_FILE, read_model
 
     real_model = doctor.FaceModel
 
     def face_model(model_dir, backend="onnxruntime", precision="fp32", **options):
         def on_the_cpu(name, path, config, **_):
-            return CudaBackend(path, config, precision, device="cpu")
+            files = read_model(path, keep=(LM_FILE, VQGAN_FILE))
+            return CudaBackend(files, config, precision, device="cpu")
 
         with monkeypatch.context() as mp:
             if backend == "cuda":

@@ -25,7 +25,6 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from facert.export.lm import MASK_VALUE, Talk2FaceLM, gelu_fast, prefix_mask_bias
 from facert.export.vqgan import VQGAN
 
-from ..config import LM_FILE, VQGAN_FILE, ModelConfig, ModelFiles, read_model
+from ..config import LM_FILE, VQGAN_FILE, ModelConfig, ModelFiles
 from ..errors import FacertError
 from .base import pad_rows
 
@@ -119,17 +118,17 @@ class CudaBackend:
 
     def __init__(
         self,
-        files: ModelFiles | str | Path,
+        files: ModelFiles,
         config: ModelConfig,
         precision: str = "fp16",
         device: str = "cuda",
         graphs: bool | None = None,
         attention: str = "auto",
     ):
-        """files: the model directory read with its hash keeping LM_FILE and VQGAN_FILE (or the
-        directory, read here); device="cpu" runs the same math without CUDA graphs or Triton (to
-        test it anywhere); graphs: capture decode steps (default: on CUDA); attention: "auto",
-        "triton" or "torch"."""
+        """files: the model directory read with its hash keeping LM_FILE and VQGAN_FILE (read_model,
+        as for every backend: each file is read once); device="cpu" runs the same math without
+        CUDA graphs or Triton (to test it anywhere); graphs: capture decode steps (default: on
+        CUDA); attention: "auto", "triton" or "torch"."""
         if precision not in PRECISIONS:
             raise FacertError(
                 f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
@@ -143,8 +142,6 @@ class CudaBackend:
         # Triton runs on CUDA; on the CPU only when asked for under its interpreter (tests)
         interpreter = attention == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
         self._triton_here = on_cuda or interpreter
-        if not isinstance(files, ModelFiles):
-            files = read_model(files, keep=(LM_FILE, VQGAN_FILE))
         self._load(files)
         self.cache_dtype = _numpy_dtype(self.dtype)
         self._mm_fp32_out = _has_mm_out_dtype(self.device, self.dtype)
