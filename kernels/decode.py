@@ -5,10 +5,13 @@ layers for a batch of rows against the runtime's KV cache and returns their fina
 one window is one call of step and head, reading each weight once; a batch mixing windows runs
 the layers once and the head once per window, each row paying only for its own window's rows.
 
-Weights come straight from a model directory's `lm.safetensors` (facert names), packed here in
-panels of 16 output rows (the kernel's tile layout). `int8` quantizes every matrix per output
-row, symmetric, here at load time (a second or two for the base model); the kernel quantizes
-activations per row on the fly.
+Weights come straight from a model directory's `lm.safetensors` (facert names), streamed in
+blocks of rows as the file is read (runtime/config.py): the kernel packs each block of a matrix
+into panels of 16 output rows (its tile layout) as it arrives, so the file's float32 copy is
+never in memory beside the packed one, only a block of it. `int8` quantizes every matrix per
+output row, symmetric, in that same pass (`quantize_rows` and `pack_panels` state the format in
+numpy; the kernel's packing matches them bit for bit); the kernel quantizes activations per row
+on the fly.
 
 Batch independence: a row's hidden state and logits are bit-identical whatever other rows share
 the call (batch size, their slots, positions, tokens), in fp32 and int8, at every instruction-set
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 
 import numpy as np
@@ -68,6 +71,15 @@ def _kernels(library: ctypes.CDLL) -> tuple[Callable[..., int], ...]:
     return step, head, prefill
 
 
+@cache
+def _packers(library: ctypes.CDLL) -> tuple[Callable[..., None], Callable[..., None]]:
+    f32, int8 = library.facert_pack_f32, library.facert_pack_int8
+    f32.argtypes = [_ptr, _i32, _i32, _i32, _ptr, _i32]
+    int8.argtypes = [_ptr, _i32, _i32, _i32, _ptr, _ptr, _ptr, _i32]
+    f32.restype = int8.restype = None
+    return f32, int8
+
+
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float (N, K) -> int8 (N, K), per-row scales (N,) float32 and row sums (N,) int32, with
     w ~= q * scale[:, None]."""
@@ -90,8 +102,75 @@ def pack_panels(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(-1, PANEL, k).transpose(0, 2, 1))
 
 
+class Panels:
+    """An (n, k) matrix in the kernel's layout (pack_panels': float32, or int8 with per-row
+    scales and row sums), filled by the kernel a block of rows at a time."""
+
+    def __init__(self, n: int, k: int, precision: str):
+        self.n, self.k, panels = n, k, -(-n // PANEL)
+        if precision == "fp32":
+            self.weight = np.zeros((panels, k, PANEL), np.float32)  # (N/16, K, 16)
+            self.scale = self.row_sum = None
+        else:
+            self.weight = np.zeros((panels, -(-k // 4), PANEL, 4), np.int8)  # (N/16, K/4, 16, 4)
+            self.scale, self.row_sum = np.zeros(n, np.float32), np.zeros(n, np.int32)  # (N,)
+
+    def pack(
+        self, w: np.ndarray, row0: int, threads: int = 1, library: ctypes.CDLL | None = None
+    ) -> None:
+        """Rows w (rows, k) become rows row0.. of the matrix: the same bits as pack_panels (of
+        quantize_rows' int8 rows) gives them."""
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if w.ndim != 2 or w.shape[1] != self.k or not 0 <= row0 <= self.n - len(w):
+            raise ValueError(f"rows {w.shape} at {row0} do not fit a ({self.n}, {self.k}) matrix")
+        f32, int8 = _packers(library or cpu_library())
+        if self.scale is None:
+            f32(w.ctypes.data, len(w), self.k, row0, self.weight.ctypes.data, threads)
+        else:
+            int8(w.ctypes.data, len(w), self.k, row0, self.weight.ctypes.data,
+                 self.scale.ctypes.data, self.row_sum.ctypes.data, threads)  # fmt: skip
+
+
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# The LM's products by facert weight name, in a layer and outside: (the kernel's product, part,
+# parts). q, k and v are three parts of one product, qkv (3C, C), stacked in that order.
+_LAYER_PRODUCTS = {"attn.q": ("qkv", 0, 3), "attn.k": ("qkv", 1, 3), "attn.v": ("qkv", 2, 3),
+                   "attn.proj": ("proj", 0, 1), "mlp.fc": ("fc", 0, 1),
+                   "mlp.proj": ("fc_proj", 0, 1)}  # fmt: skip
+_PRODUCTS = {"lm_head": ("head", 0, 1)}  # no bias
+_LAYER_VECTORS = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")
+_VECTORS = ("wte.weight", "wpe.weight", "wse.weight", "ln_f.weight", "ln_f.bias")  # kept as read
+
+
+class _Product:
+    """One product's weights, packed as the rows of its parts arrive, and its bias, stacked the
+    same way."""
+
+    def __init__(self, parts: int):
+        self.parts, self.panels, self.bias = parts, None, None
+        self.packed, self.biased = set(), set()  # parts whose last rows are in
+
+    def weight(self, name: str, shape: tuple, part: int, row0: int, rows: np.ndarray,
+               decoder: FusedDecoder) -> None:  # fmt: skip
+        if len(shape) == 2 and self.panels is None:
+            self.panels = Panels(self.parts * shape[0], shape[1], decoder.precision)
+        if len(shape) != 2 or (self.parts * shape[0], shape[1]) != (self.panels.n, self.panels.k):
+            raise ValueError(f"{name} is {shape}, unlike the other parts of its product")
+        self.panels.pack(rows, part * shape[0] + row0, decoder.threads, decoder.library)
+        if row0 + len(rows) == shape[0]:
+            self.packed.add(part)
+
+    def add_bias(self, name: str, shape: tuple, part: int, row0: int, rows: np.ndarray) -> None:
+        if len(shape) == 1 and self.bias is None:
+            self.bias = np.empty(self.parts * shape[0], np.float32)
+        if len(shape) != 1 or self.parts * shape[0] != len(self.bias):
+            raise ValueError(f"{name} is {shape}, unlike the other parts of its product")
+        self.bias[part * shape[0] + row0 :][: len(rows)] = rows
+        if row0 + len(rows) == shape[0]:
+            self.biased.add(part)
 
 
 class FusedDecoder:
@@ -100,70 +179,108 @@ class FusedDecoder:
 
     def __init__(
         self,
-        weights: dict[str, np.ndarray],
+        weights: Mapping[str, np.ndarray] | Iterable[tuple[str, tuple, int, np.ndarray]],
         n_head: int,
         eps: float,
         precision: str = "fp32",
         threads: int | None = None,
         library: ctypes.CDLL | None = None,
     ):
-        """`library`: a build of kernels/cpu/decode.cpp to call (default: facert's own)."""
+        """`weights`: the LM's tensors by facert name, or a stream of them in any order (a file
+        as it is read, runtime/config.py's TensorStream): (name, shape, first row, rows), each
+        tensor in blocks of its rows in order. Each block is packed or copied before the next
+        is taken, so it may be a view of a buffer the stream then reuses.
+        `library`: a build of kernels/cpu/decode.cpp to call (default: facert's own)."""
         if precision not in PRECISIONS:
             raise ValueError(f"the fused decoder runs {PRECISIONS}, not {precision!r}")
         self.precision, self.threads = precision, threads or default_threads()
-        self._step, self._head, self._prefill = _kernels(library or cpu_library())
+        self.library = library or cpu_library()
+        self._step, self._head, self._prefill = _kernels(self.library)
         self._keep: list[np.ndarray] = []  # every buffer the kernel points into
-        n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
-        wte = weights["wte.weight"]
-        self.vocab_size, n_embd = wte.shape
-        self.n_embd = n_embd
-        n_ffn = weights["blocks.0.mlp.fc.weight"].shape[0]
-        layers = (_Layer * n_layer)()
-        for i, layer in enumerate(layers):
-            p = f"blocks.{i}."
-            layer.ln1_weight, layer.ln1_bias = self._vectors(weights, p + "ln_1")
-            qkv = [weights[f"{p}attn.{n}.weight"] for n in "qkv"]
-            qkv_bias = [weights[f"{p}attn.{n}.bias"] for n in "qkv"]
-            layer.qkv = self._linear(np.concatenate(qkv), np.concatenate(qkv_bias))  # (3C, C)
-            layer.proj = self._linear(*self._pair(weights, p + "attn.proj"))
-            layer.ln2_weight, layer.ln2_bias = self._vectors(weights, p + "ln_2")
-            layer.fc = self._linear(*self._pair(weights, p + "mlp.fc"))
-            layer.fc_proj = self._linear(*self._pair(weights, p + "mlp.proj"))
-        lnf = self._vectors(weights, "ln_f")
+        vectors: dict[str, np.ndarray] = {}
+        products: dict[str, _Product] = {}
+        if isinstance(weights, Mapping):
+            weights = ((name, a.shape, 0, a) for name, a in weights.items())
+        for name, shape, row0, rows in weights:
+            block, _, rest = name.partition(".")
+            index, _, rest = rest.partition(".")
+            in_layer = block == "blocks" and index.isascii() and index.isdigit()
+            prefix, table = (f"blocks.{index}.", _LAYER_PRODUCTS) if in_layer else ("", _PRODUCTS)
+            base, _, leaf = name.removeprefix(prefix).rpartition(".")
+            if base in table and leaf in ("weight", "bias"):
+                product, part, parts = table[base]
+                p = products.setdefault(prefix + product, _Product(parts))
+                if leaf == "weight":
+                    p.weight(name, shape, part, row0, rows, self)
+                else:
+                    p.add_bias(name, shape, part, row0, rows)
+            elif (in_layer and rest in _LAYER_VECTORS) or name in _VECTORS:
+                if not shape:
+                    raise ValueError(f"{name} is a scalar")
+                if row0 == 0:  # its own memory, filled block by block
+                    vectors[name] = np.empty(shape, np.float32)
+                vectors[name][row0 : row0 + len(rows)] = rows
+        self._assemble(vectors, products, n_head, eps)
+
+    def _assemble(
+        self, vectors: dict[str, np.ndarray], products: dict[str, _Product], n_head: int, eps: float
+    ) -> None:
+        """The kernel's description of the LM, every tensor checked present and of its shape."""
+
+        def vector(name: str, *shape: int) -> int:  # -1: any size
+            a = vectors.get(name)
+            if a is None:
+                raise ValueError(f"the LM has no tensor {name!r}")
+            if a.ndim != len(shape) or any(s not in (-1, d) for s, d in zip(shape, a.shape)):
+                raise ValueError(f"{name} is {a.shape}, not {shape} (-1: any size)")
+            return a.ctypes.data
+
+        def linear(name: str, out: int, in_: int, biased: bool = True) -> _Linear:
+            p = products.get(name)
+            if p is None or len(p.packed) < p.parts or (biased and len(p.biased) < p.parts):
+                raise ValueError(f"the LM lacks weights of its {name} product")
+            w = p.panels
+            if (w.n, w.k) != (out, in_) or (biased and len(p.bias) != out):
+                raise ValueError(f"the {name} product is ({w.n}, {w.k}), not ({out}, {in_})")
+            arrays = (w.weight, w.scale, w.row_sum, p.bias if biased else None)
+            self._keep += [a for a in arrays if a is not None]
+            return _Linear(*(None if a is None else a.ctypes.data for a in arrays), out, in_)
+
+        vector("wte.weight", -1, -1)
+        self.vocab_size, c = vectors["wte.weight"].shape
+        self.n_embd = c
+        n_layer = 1 + max((int(k.split(".")[1]) for k in products if k.startswith("blocks.")),
+                          default=-1)  # fmt: skip
+        fc = products.get("blocks.0.fc")
+        n_ffn = fc.panels.n if fc and fc.panels else 0
+        layers = [
+            _Layer(
+                vector(f"blocks.{i}.ln_1.weight", c),
+                vector(f"blocks.{i}.ln_1.bias", c),
+                linear(f"blocks.{i}.qkv", 3 * c, c),
+                linear(f"blocks.{i}.proj", c, c),
+                vector(f"blocks.{i}.ln_2.weight", c),
+                vector(f"blocks.{i}.ln_2.bias", c),
+                linear(f"blocks.{i}.fc", n_ffn, c),
+                linear(f"blocks.{i}.fc_proj", c, n_ffn),
+            )
+            for i in range(n_layer)
+        ]
+        if not layers:
+            raise ValueError("the LM has no layers")
+        self._layers = (_Layer * n_layer)(*layers)
         self._lm = _LM(
-            n_layer, n_head, n_embd, n_ffn, DECODE_SEGMENT, eps, self._float(wte),
-            self._float(weights["wpe.weight"]), self._float(weights["wse.weight"]), layers,
-            *lnf, self._linear(weights["lm_head.weight"], None),
+            n_layer, n_head, c, n_ffn, DECODE_SEGMENT, eps, vector("wte.weight", -1, c),
+            vector("wpe.weight", -1, c), vector("wse.weight", 3, c), self._layers,
+            vector("ln_f.weight", c), vector("ln_f.bias", c),
+            linear("head", self.vocab_size, c, biased=False),
         )  # fmt: skip
-        self._layers = layers
+        self._keep += vectors.values()
 
     @property
     def weight_bytes(self) -> int:
         """The kernel's own copy of the weights (packed, at its precision)."""
         return sum(a.nbytes for a in self._keep)
-
-    def _float(self, a: np.ndarray) -> int:
-        # its own memory: a view would keep the whole file it was read from alive
-        a = np.require(a, np.float32, ["C_CONTIGUOUS", "OWNDATA"])
-        self._keep.append(a)
-        return a.ctypes.data
-
-    @staticmethod
-    def _pair(weights: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
-        return weights[name + ".weight"], weights[name + ".bias"]
-
-    def _vectors(self, weights: dict[str, np.ndarray], name: str) -> tuple[int, int]:
-        return tuple(self._float(a) for a in self._pair(weights, name))
-
-    def _linear(self, w: np.ndarray, bias: np.ndarray | None) -> _Linear:
-        out, in_ = w.shape
-        b = self._float(bias) if bias is not None else None
-        if self.precision == "fp32":
-            return _Linear(self._float(pack_panels(w)), None, None, b, out, in_)
-        q, scale, row_sum = quantize_rows(np.asarray(w, dtype=np.float32))
-        q = pack_panels(q)
-        self._keep += [q, scale, row_sum]
-        return _Linear(q.ctypes.data, scale.ctypes.data, row_sum.ctypes.data, b, out, in_)
 
     @staticmethod
     def _check_cache(k_cache: np.ndarray, v_cache: np.ndarray) -> None:

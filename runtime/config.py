@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import types
 import typing
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,33 +270,51 @@ def _read_json(path: Path) -> object:
         raise ModelFileError(f"{path} is not readable JSON: {e}") from e
 
 
+# A safetensors file's tensors as it is read, each in blocks of whole rows (along its first axis;
+# a scalar in one), in order: (name, the tensor's shape, first row of the block, the block's
+# rows as float32), the block valid only until the next is taken (the stream reuses its buffer).
+TensorStream = Iterator[tuple[str, tuple[int, ...], int, np.ndarray]]
+
+
 @dataclass(frozen=True)
 class ModelFiles:
-    """A model directory's files, each read once: the model's hash, and the bytes of the weight
-    files a backend keeps (hashed as they were read, so loading them costs no second read)."""
+    """A model directory's files, each read once: the model's hash, the bytes of the weight
+    files a backend keeps (hashed as they were read, so loading them costs no second read), and
+    what the consumers of streamed files made of their tensors."""
 
     hash: str
     kept: dict[str, bytearray]
+    streamed: dict[str, object] = field(default_factory=dict)
 
     def weights(self, name: str) -> dict[str, np.ndarray]:
         return load_weights(self.kept[name], name)
 
 
-def read_model(model_dir: str | Path, keep: tuple[str, ...] = ()) -> ModelFiles:
+def read_model(
+    model_dir: str | Path,
+    keep: tuple[str, ...] = (),
+    stream: Mapping[str, Callable[[TensorStream], object]] | None = None,
+) -> ModelFiles:
     """Hash the files that define the model (so exported engines can detect staleness), keeping
     the bytes of the files named in `keep` (e.g. LM_FILE for a backend that computes with them).
+    A weight file in `stream` goes to its consumer instead, tensor by tensor as it is read and
+    hashed (a TensorStream), so it is never whole in memory: what the consumer returns is in
+    `streamed`. Meanwhile the other files are hashed on a second thread.
 
     The same pass checks each file against the sha256 facert.json records for it under "sha256",
     when it does. So a bit flip in the weights of such a model is a ModelFileError here, at no
     extra read. (Without a record, a damaged safetensors header or a truncated file still fails
-    in load_weights; a flip in the tensor data cannot be told from a new model and makes the
-    engines stale.)"""
-    model_dir = Path(model_dir)
-    digests, kept = {}, {}
-    for name in (CONFIG_FILE, *CHECKED_FILES):
-        data, digests[name] = _read_hashed(model_dir / name, name in keep)
-        if data is not None:
-            kept[name] = data
+    in load_weights or the stream; a flip in the tensor data cannot be told from a new model and
+    makes the engines stale.)"""
+    model_dir, stream = Path(model_dir), stream or {}
+    names = (CONFIG_FILE, *CHECKED_FILES)
+    with ThreadPoolExecutor(1) as pool:
+        read = {n: pool.submit(_read_hashed, model_dir / n, n in keep)
+                for n in names if n not in stream}  # fmt: skip
+        streamed = {n: _stream_hashed(model_dir / n, take) for n, take in stream.items()}
+        read = {n: r.result() for n, r in read.items()}
+    digests = {n: (read.get(n) or streamed[n])[1] for n in names}
+    kept = {n: r[0] for n, r in read.items() if r[0] is not None}
     config = _read_json(model_dir / CONFIG_FILE)
     recorded = _recorded_sha256(config.get("sha256", {}) if isinstance(config, dict) else {})
     for name, digest in recorded.items():
@@ -303,7 +324,8 @@ def read_model(model_dir: str | Path, keep: tuple[str, ...] = ()) -> ModelFiles:
                 "it is corrupt or was replaced; restore it or convert the model again"
             )
     joined = "".join(f"{n} {d}\n" for n, d in digests.items())
-    return ModelFiles(hashlib.sha256(joined.encode()).hexdigest(), kept)
+    made = {n: r[0] for n, r in streamed.items()}
+    return ModelFiles(hashlib.sha256(joined.encode()).hexdigest(), kept, made)
 
 
 def model_hash(model_dir: str | Path) -> str:
@@ -348,6 +370,92 @@ def _sha256(path: Path) -> str:
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}  # what facert's weights may hold
 
 
+def _stream_hashed(path: Path, take: Callable[[TensorStream], object]) -> tuple[object, str]:
+    """What `take` makes of a safetensors file's tensors, streamed to it (see _tensors), and the
+    file's sha256. A damaged file, or one without the tensors `take` needs, is a
+    ModelFileError."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb", buffering=0) as f:
+            tensors = _tensors(f, h, path)
+            try:
+                made = take(tensors)
+            except ValueError as e:  # the consumer's: a tensor it needs is missing or misshapen
+                raise ModelFileError(
+                    f"{path} does not hold this model's weights ({e}); restore it or convert "
+                    "the model again"
+                ) from e
+            for _ in tensors:  # what `take` left unread is hashed all the same
+                pass
+    except OSError as e:
+        raise ModelFileError(f"cannot read {path}: {e.strerror}") from e
+    return made, h.hexdigest()
+
+
+def _tensors(f: io.RawIOBase, h: hashlib._Hash, path: Path) -> TensorStream:
+    """A safetensors file's tensors in the order of their data, read from `f` in blocks of up
+    to _CHUNK bytes (or one row), each a view of one buffer reused for the next, and hashed into
+    `h` (then the rest of the file): a block on a thread of its own while the consumer takes it,
+    so that hashing and packing share the cores."""
+    hashed = None  # the hashing of the last bytes read (every earlier one is done)
+
+    def read(buffer: bytearray | np.ndarray) -> int:
+        nonlocal hashed
+        if hashed is not None:
+            hashed.result()  # the buffer is free again
+        n = _fill(f, buffer)
+        hashed = hashing.submit(h.update, buffer)
+        return n
+
+    try:
+        with ThreadPoolExecutor(1) as hashing:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ValueError("shorter than a header")
+            read(head := bytearray(8))
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                raise ValueError("header longer than the file")
+            read(header := bytearray(length))
+            entries = _entries(header, size - 8 - length)
+            # bytes per row of each tensor (a scalar: one row; an empty tensor: none)
+            row_bytes = [(e - b) // (shape[0] if shape else 1) if e > b else 0
+                         for _, _, shape, b, e in entries]  # fmt: skip
+            scratch = np.empty(max([_CHUNK, *row_bytes]), np.uint8)
+            at = 0  # in the data, after the header
+            for (key, dtype, shape, begin, end), row in zip(entries, row_bytes):
+                while at < begin:  # bytes no tensor holds: hashed, skipped
+                    at += read(scratch[: min(begin - at, len(scratch))])
+                rows = shape[0] if shape else 1
+                per = max(1, len(scratch) // row) if row else max(1, rows)  # rows per block
+                for first in range(0, max(1, rows), per):
+                    n = min(per, rows - first)
+                    read(scratch[: n * row])
+                    block = scratch[: n * row].view(dtype)
+                    block = block.reshape((n, *shape[1:]) if shape else ())
+                    yield key, tuple(shape), first, block.astype(np.float32, copy=False)
+                at = end
+            hashed.result()
+            while n := f.readinto(scratch):  # past the last tensor: hashed all the same
+                h.update(scratch[:n])
+    except (ValueError, TypeError, KeyError) as e:  # truncated, or a damaged header
+        raise ModelFileError(
+            f"{path} is corrupt or not a float32/float16 safetensors file ({e}); restore it "
+            "or convert the model again"
+        ) from e
+
+
+def _fill(f: io.RawIOBase, buffer: bytearray | np.ndarray) -> int:
+    """Read exactly len(buffer) bytes into `buffer`; returns how many."""
+    view, at = memoryview(buffer), 0
+    while at < len(view):
+        n = f.readinto(view[at : at + _CHUNK])
+        if not n:
+            raise ValueError("data outside the file")
+        at += n
+    return at
+
+
 def load_weights(source: str | Path | bytearray, name: str = "") -> dict[str, np.ndarray]:
     """A safetensors file, or its bytes (named `name` in errors) -> float32 arrays by name
     (float16 files are widened exactly). Arrays from bytes are views into them (no copy)."""
@@ -370,17 +478,25 @@ def load_weights(source: str | Path | bytearray, name: str = "") -> dict[str, np
 
 def _safetensors(data: bytearray) -> dict[str, np.ndarray]:
     """Parse the safetensors format (8-byte little-endian header length, a JSON header of
-    {name: {dtype, shape, data_offsets}}, then the tensors' bytes), checking every entry lies
-    inside the file and matches its shape, so a hostile header cannot read out of bounds."""
+    {name: {dtype, shape, data_offsets}}, then the tensors' bytes); see _entries."""
     if len(data) < 8:
         raise ValueError("shorter than a header")
     size = int.from_bytes(data[:8], "little")
     if size > len(data) - 8:
         raise ValueError("header longer than the file")
-    header = json.loads(bytes(data[8 : 8 + size]))
+    body = memoryview(data)[8 + size :]
+    entries = _entries(data[8 : 8 + size], len(body))
+    return {k: np.frombuffer(body[b:e], dtype).reshape(shape) for k, dtype, shape, b, e in entries}
+
+
+def _entries(header: bytes | bytearray, body: int) -> list[tuple[str, np.dtype, list, int, int]]:
+    """A safetensors header's tensors as (name, dtype, shape, begin, end) in the order of their
+    data, each checked to lie inside the `body` bytes after the header, to match its shape and
+    to overlap no other, so a hostile header cannot read out of bounds."""
+    header = json.loads(bytes(header))
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    body, out = memoryview(data)[8 + size :], {}
+    out = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
@@ -388,7 +504,11 @@ def _safetensors(data: bytearray) -> dict[str, np.ndarray]:
         if not all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)):
             raise ValueError(f"{key}: bad shape or offsets")
         count = math.prod(shape)
-        if not begin <= end <= len(body) or end - begin != count * dtype.itemsize:
+        if not begin <= end <= body or end - begin != count * dtype.itemsize:
             raise ValueError(f"{key}: data outside the file or of the wrong size")
-        out[key] = np.frombuffer(body[begin:end], dtype).reshape(shape)
+        out.append((key, dtype, shape, begin, end))
+    out.sort(key=lambda e: e[3:])
+    for (before, *_, last), (key, _, _, begin, _) in zip(out, out[1:]):
+        if begin < last:
+            raise ValueError(f"{key}: data overlapping {before}'s")
     return out

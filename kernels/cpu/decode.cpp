@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -1109,4 +1110,109 @@ FACERT_API int facert_prefill(const facert_lm* m, float* k_cache, float* v_cache
                  hidden + int64_t(b) * C);
   }
   return 0;
+}
+
+// ---- packing weights at load time ----
+//
+// A matrix's rows reach facert_pack_f32 / facert_pack_int8 in blocks as they are read from the
+// file (q, k and v are three parts of the qkv matrix), each call packing its rows into their
+// places among the panels, a panel per thread at a time. The caller zeroes the panels, so
+// padding stays zero.
+
+namespace {
+
+// Round to nearest, ties to even (numpy's rint) in the default rounding mode, for |v| <= 2^22:
+// adding 1.5 * 2^23 leaves no fraction bits. No call to a libm function, so it vectorizes.
+inline float round_even(float v) {
+  constexpr float kShift = 12582912.0f;
+  return (v + kShift) - kShift;
+}
+
+// Rows [first, last) of a matrix, row n from w + (n - row0) * K, into float32 panels `out`.
+FACERT_CLONES
+void pack_f32_rows(const float* w, int K, int row0, int first, int last, float* out) {
+  for (int n = first; n < last; n++) {
+    const float* src = w + int64_t(n - row0) * K;
+    float* dst = out + int64_t(n / kPanel) * K * kPanel + n % kPanel;
+    for (int k = 0; k < K; k++) dst[int64_t(k) * kPanel] = src[k];
+  }
+}
+
+// max(a, b), NaN when either is (as numpy's max).
+inline float nan_max(float a, float b) { return !(b <= a) ? b : a; }
+
+// The same rows quantized as facert.kernels.decode.quantize_rows does, bit for bit: scale =
+// max|w| / 127 (1 for a zero row), q = rint(w / scale) clipped to +-127 (NaN -> 0, as numpy's
+// cast gives on x86 and ARM), into int8 panels `out`, with each row's scale and sum of q. Where
+// max|w| is finite and the scale a normal float, |w / scale| <= 127 (1 + 2^-23) rounds to at most
+// 127: no clipping, and the loop vectorizes; other rows take the careful loop.
+FACERT_CLONES
+void pack_int8_rows(const float* w, int K, int row0, int first, int last, int8_t* out,
+                    float* scale, int32_t* row_sum) {
+  constexpr float kNormal = 0x1p-119f;  // > 127 * 2^-126: the scale is a normal float
+  const int K4 = round_up(K, 4);
+  thread_local std::vector<int8_t> row;
+  int8_t* q = scratch(row, K4);
+  for (int n = first; n < last; n++) {
+    const float* src = w + int64_t(n - row0) * K;
+    float top[kPanel] = {};
+    int k = 0;
+    for (; k + kPanel <= K; k += kPanel)
+      for (int j = 0; j < kPanel; j++) top[j] = nan_max(top[j], std::fabs(src[k + j]));
+    float amax = 0.0f;
+    for (; k < K; k++) amax = nan_max(amax, std::fabs(src[k]));
+    for (int j = 0; j < kPanel; j++) amax = nan_max(amax, top[j]);
+    const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+    int32_t sum = 0;
+    if (amax >= kNormal && amax <= std::numeric_limits<float>::max()) {
+      for (k = 0; k < K; k++) {
+        const int32_t v = int32_t(round_even(src[k] / s));
+        sum += v;
+        q[k] = int8_t(v);
+      }
+    } else {  // a zero, tiny, infinite or NaN row
+      for (k = 0; k < K; k++) {
+        const float v = src[k] / s;
+        const int32_t c = v != v ? 0 : int32_t(round_even(std::min(127.0f, std::max(-127.0f, v))));
+        sum += c;
+        q[k] = int8_t(c);
+      }
+    }
+    for (; k < K4; k++) q[k] = 0;
+    int8_t* dst = out + int64_t(n / kPanel) * K4 * kPanel + (n % kPanel) * 4;
+    for (k = 0; k < K4; k += 4) std::memcpy(dst + int64_t(k) * kPanel, q + k, 4);
+    scale[n] = s;
+    row_sum[n] = sum;
+  }
+}
+
+// Runs pack(first, last) over rows [row0, row0 + rows) on the pool, a panel at a time.
+template <typename Pack>
+void for_panels(int rows, int row0, int threads, Pack pack) {
+  std::lock_guard<std::mutex> lock(step_lock);
+  pool().resize(std::max(1, threads));
+  const int p0 = row0 / kPanel, p1 = (row0 + rows + kPanel - 1) / kPanel;
+  pool().run(p1 - p0, 1, [&](int begin, int end) {
+    pack(std::max(row0, (p0 + begin) * kPanel), std::min(row0 + rows, (p0 + end) * kPanel));
+  });
+}
+
+}  // namespace
+
+// Rows w (rows, K) float32 are rows [row0, row0 + rows) of a float32 matrix packed in panels
+// (see facert_linear) at `out`, which the caller zeroed.
+FACERT_API void facert_pack_f32(const float* w, int32_t rows, int32_t K, int32_t row0,
+                                float* out, int32_t threads) {
+  for_panels(rows, row0, threads,
+             [&](int first, int last) { pack_f32_rows(w, K, row0, first, last, out); });
+}
+
+// Rows w (rows, K) float32, quantized per row to int8 (see pack_int8_rows), are rows
+// [row0, row0 + rows) of an int8 matrix packed in panels at `out` (zeroed by the caller); their
+// scales and sums of q go to scale[row0 + i] and row_sum[row0 + i].
+FACERT_API void facert_pack_int8(const float* w, int32_t rows, int32_t K, int32_t row0,
+                                 int8_t* out, float* scale, int32_t* row_sum, int32_t threads) {
+  for_panels(rows, row0, threads, [&](int first, int last) {
+    pack_int8_rows(w, K, row0, first, last, out, scale, row_sum);
+  });
 }

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import LM_FILE, VQGAN_FILE, ModelConfig, ModelFiles, read_model
+from ..config import LM_FILE, VQGAN_FILE, ModelConfig, TensorStream, read_model
 from ..errors import FacertError, InvalidArgument
 from .base import Backend
 
@@ -33,7 +35,7 @@ def create_backend(
     fp32 or int8), or every step through the exported graphs ("graph"). The cuda backend takes
     `precision` too (fp16, bf16 or fp32: its weights and KV cache). Each model file is read
     once: hashed (and checked against facert.json's record) while the weights a backend computes
-    with are kept."""
+    with are kept, or, for the fused kernel, packed tensor by tensor as they are read."""
     if name == "onnxruntime":
         from ..onnx_engines import PRECISIONS, resolve_engine
 
@@ -42,13 +44,13 @@ def create_backend(
                 f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
             )
         fused = uses_fused_kernel(precision, providers, decode)
-        files = read_model(model_dir, keep=(LM_FILE,) if fused else ())
+        stream = {LM_FILE: fused_decoder(config, precision, threads)} if fused else None
+        files = read_model(model_dir, stream=stream)
         engine = resolve_engine(model_dir, precision, engine_dir, progress, files.hash)
         if fused:
             from .fused_cpu_backend import FusedCpuBackend
 
-            decoder = fused_decoder(files, config, precision, threads)
-            return FusedCpuBackend(engine, config, decoder, threads)
+            return FusedCpuBackend(engine, config, files.streamed[LM_FILE], threads)
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(engine, config, providers=providers, threads=threads)
@@ -111,10 +113,11 @@ def uses_fused_kernel(precision: str, providers: list[str] | None, decode: str) 
 
 
 def fused_decoder(
-    files: ModelFiles, config: ModelConfig, precision: str, threads: int | None
-) -> FusedDecoder:
-    """The fused CPU kernel over the LM weights read with the model's hash."""
+    config: ModelConfig, precision: str, threads: int | None
+) -> Callable[[TensorStream], FusedDecoder]:
+    """The fused CPU kernel, made from the LM's tensors as read_model streams them."""
     from facert.kernels.decode import FusedDecoder
 
-    weights = files.weights(LM_FILE)
-    return FusedDecoder(weights, config.lm.n_head, config.lm.layernorm_eps, precision, threads)
+    lm = config.lm
+    return partial(FusedDecoder, n_head=lm.n_head, eps=lm.layernorm_eps, precision=precision,
+                   threads=threads)  # fmt: skip
