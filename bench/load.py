@@ -116,13 +116,11 @@ def markdown(result: dict) -> str:
         "`one-at-a-time`: a FIFO server loop around FaceModel (virtual clock, real service "
         "times). Rates are multiples of the one-at-a-time capacity; goodput counts requests "
         "that finished within their deadline (a multiple of the task's solo latency) per "
-        "second; met is over all requests, admitted met over those the scheduler admitted; "
-        "admission margin: the factor the scheduler's estimates were scaled by at the end (a "
-        "high quantile of how far admitted requests overran their predictions).",
+        "second; met is over all requests, admitted met over those the scheduler admitted.",
     ]
     head = ["policy", "rate ×", "offered req/s", "throughput req/s", "p50 ms", "p99 ms",
             "goodput req/s", "met", "admitted met", "refused", "refusal ms (max)",
-            "admission margin", "mean batch"]  # fmt: skip
+            "mean batch"]  # fmt: skip
     for m in result["models"]:
         for c in m["configs"]:
             solo = ", ".join(f"{t} {s:.2f} s ({c['unshared_s'][t]:.2f} s unshared)"
@@ -132,7 +130,7 @@ def markdown(result: dict) -> str:
                      r["p50_ms"], r["p99_ms"], r["goodput_rps"], f"{r['met']:.0%}",
                      f"{r['admitted_met']:.0%}" if "admitted_met" in r else "-",
                      f"{r['refused']:.0%}" if "refused" in r else "-",
-                     r.get("refusal_ms_max", "-"), r.get("margin", "-"), r["mean_batch"]]
+                     r.get("refusal_ms_max", "-"), r["mean_batch"]]
                     for r in c["rows"]]  # fmt: skip
             lines += [
                 f"\n#### model {m['model']}, {c['contestant']}: {m['requests']} requests per "

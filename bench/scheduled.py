@@ -74,7 +74,6 @@ def serve(
         "p99_ms": lat["p99"],
         "mean_batch": rows / steps if steps else 0.0,
         "span_s": span,
-        "margin": model.scheduler.cost.margin,  # admission's overrun factor at the end
     }
 
 

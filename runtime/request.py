@@ -42,7 +42,6 @@ class Request:
     started: int = 0  # sequences admitted so far (they are admitted in order)
     admitted_at: float | None = None  # when its first sequence got a slot
     first_token_at: float | None = None
-    predicted_seconds: float | None = None  # what admission estimated it takes (deadlines)
 
     @property
     def waiting(self) -> list[Sequence]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,9 +29,6 @@ from .sequence import Sequence
 # Free text (captions, generate-mode answers) usually stops at [SEP] long before its room runs
 # out; the cost model counts this many tokens for such a row until it has seen some finish.
 EXPECTED_TEXT_TOKENS = 24
-# Admission scales its estimates by this quantile of the last OUTCOMES_KEPT requests'
-# actual/predicted times, within MARGIN_RANGE.
-MARGIN_QUANTILE, OUTCOMES_KEPT, MARGIN_RANGE = 0.9, 32, (0.5, 4.0)
 
 
 class LinearFit:
@@ -65,9 +61,7 @@ class StepCost:
     something even when few tokens are new), the encoder per image, making a task's result
     (the VQGAN drawing a face); how long free text runs; the share of the engine's time that
     prompts and encoding take (`stall_share`), which stalls every running row and which
-    arrivals to come will take again; and how far admitted requests overran what admission
-    predicted (`margin`), which covers what the model cannot see: more urgent requests that
-    arrive after admission, other processes on the same cores."""
+    arrivals to come will take again."""
 
     decay: float = 0.98
     # (image rows, text rows) -> seconds: a text row's head spans the whole wordpiece
@@ -79,8 +73,6 @@ class StepCost:
     text_tokens: float = EXPECTED_TEXT_TOKENS
     _stalled: float = 0.0
     _stepped: float = 0.0
-    # actual / predicted seconds of recently admitted requests
-    _overruns: deque = field(default_factory=lambda: deque(maxlen=OUTCOMES_KEPT))
 
     def observe(self, event: StepEvent) -> None:
         """The engine's step hook: every prefill and decode call, whoever ran it (the
@@ -100,20 +92,6 @@ class StepCost:
 
     def observe_finish(self, task: str, seconds: float) -> None:
         self.finish_seconds[task] = _follow(self.finish_seconds.get(task, 0.0), seconds)
-
-    def observe_outcome(self, predicted: float, seconds: float) -> None:
-        """An admitted request took `seconds` (at least that, if it was cancelled for
-        overrunning) where admission predicted `predicted`."""
-        if predicted > 0:
-            self._overruns.append(seconds / predicted)
-
-    @property
-    def margin(self) -> float:
-        """What admission multiplies its estimates by: a high quantile of recent overruns
-        (1 before any), so that nearly every admitted request finishes in time."""
-        if not self._overruns:
-            return 1.0
-        return float(np.clip(np.quantile(self._overruns, MARGIN_QUANTILE), *MARGIN_RANGE))
 
     def observe_step(self, stalled: float, seconds: float) -> None:
         """A step of `seconds` in all, `stalled` of them prompts and encoding."""
@@ -200,8 +178,7 @@ class Scheduler:
                 retry_after=retry,
             )
         if checks and req.deadline is not None:
-            req.predicted_seconds = self.estimate_seconds(req)
-            eta = req.predicted_seconds * self.cost.margin
+            eta = self.estimate_seconds(req)
             if now + eta > req.deadline:
                 raise DeadlineExceeded(
                     f"this {req.task} request needs about {eta:.2f} s at the current load, "

@@ -266,8 +266,6 @@ class Worker:
         if req.future.done():  # failed by the watchdog, counted there
             return
         self.metrics.count("cancelled", "deadline")
-        if req.predicted_seconds is not None:  # it would have taken longer than this
-            self.scheduler.cost.observe_outcome(req.predicted_seconds, now - req.arrival)
         late = now - req.deadline
         _set_exception(
             req.future,
@@ -291,8 +289,6 @@ class Worker:
             self.metrics.observe("request_seconds", now - req.arrival, req.task)
             with self._cv:
                 self.scheduler.cost.observe_finish(req.task, now - start)
-                if req.predicted_seconds is not None:
-                    self.scheduler.cost.observe_outcome(req.predicted_seconds, now - req.arrival)
         finally:
             with self._cv:
                 self._finishing -= 1

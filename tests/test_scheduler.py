@@ -138,24 +138,21 @@ def test_queue_order_is_priority_then_deadline_then_arrival():
     assert s.queue == [background] and pool.num_free == 1
 
 
-def test_admission_learns_how_far_admitted_requests_overran():
+def test_admission_prices_a_request_from_the_steps_it_saw():
     s = Scheduler(PrefixCache(SlotPool(4, 16), 0))
     s.cost.observe(StepEvent("decode", rows=1, tokens=1, seconds=0.1, text_rows=1))
     s.cost.observe(StepEvent("prefill", rows=1, tokens=2, seconds=0.1))
+    s.cost.observe_finish("caption", 0.3)
 
-    def request():
+    def request(deadline):
         seq = Sequence(np.array([1, 2]), np.array([1, 1]), (0, 10), max_new_tokens=10)
-        return Request("caption", [seq], list, deadline=1.5)
+        return Request("caption", [seq], list, deadline=deadline)
 
-    fits = request()
-    s.admit(fits, now=0.0)  # 10 steps of 0.1 s and a 0.1 s prompt: 1.1 s, within 1.5
-    assert fits.predicted_seconds == pytest.approx(1.1)
-    s.drop(fits)
-    for _ in range(8):  # admitted requests took twice as long as predicted
-        s.cost.observe_outcome(1.1, 2.2)
-    assert s.cost.margin == pytest.approx(2.0)
-    with pytest.raises(DeadlineExceeded, match="needs about 2.20 s"):
-        s.admit(request(), now=0.0)
+    # 10 steps of 0.1 s, a 0.1 s prompt and 0.3 s to make the result: 1.4 s
+    assert s.estimate_seconds(request(None)) == pytest.approx(1.4)
+    s.admit(request(1.5), now=0.0)
+    with pytest.raises(DeadlineExceeded, match="needs about"):
+        s.admit(request(1.3), now=0.0)
 
 
 def test_the_cost_model_prices_work_from_any_engine_call(tiny_model_dir):
