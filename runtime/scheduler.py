@@ -3,8 +3,9 @@
 No threads and no execution here (the worker runs steps, the engine executes them). The rules:
 - a bounded queue: past `max_queue` waiting requests a new one is refused at once with
   FacertOverloaded and an estimate of when to retry, never an unbounded backlog;
-- deadlines: a request the cost model says cannot finish in time is refused at admission; one
-  that runs past its deadline is dropped and its slots freed;
+- deadlines: a request the cost model says cannot finish in time is refused at admission, and
+  so is one whose work would make an admitted request miss the deadline it was on course for
+  (admission is a promise); one that runs past its deadline is dropped and its slots freed;
 - priorities: lower first (analysis before drawing by default), then earliest deadline, then
   arrival; `reserved_slots` slots are kept for the most urgent priority, so a kiosk's question
   never waits behind a 256-token drawing that filled the cache;
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,11 +62,13 @@ class StepCost:
     """Seconds the engine's work takes, learnt online: a decode step by its rows, a prefill
     call by the prompt tokens it computes (copying a cached prefix and the text head cost
     something even when few tokens are new), the encoder per image, making a task's result
-    (the VQGAN drawing a face); how long free text runs; the share of the engine's time that
-    prompts and encoding take (`stall_share`), which stalls every running row and which
-    arrivals to come will take again."""
+    (the VQGAN drawing a face); how long free text runs; the share of wall time (idle time
+    included) that prompts, encoding and the finisher took in the last `stall_window` seconds
+    (`stall_share`): they stall every running row, and arrivals to come will take as much
+    again."""
 
-    decay: float = 0.98
+    stall_window: float = 20.0  # seconds: the time constant of `stall_share`
+    clock: Callable[[], float] = time.monotonic
     # (image rows, text rows) -> seconds: a text row's head spans the whole wordpiece
     # vocabulary, an image row's only the codes, so the two cost differently
     decode_seconds: LinearFit = field(default_factory=lambda: LinearFit(features=2))
@@ -71,8 +76,8 @@ class StepCost:
     encode_per_image: float = 0.0
     finish_seconds: dict[str, float] = field(default_factory=dict)  # task -> its result
     text_tokens: float = EXPECTED_TEXT_TOKENS
-    _stalled: float = 0.0
-    _stepped: float = 0.0
+    _stalled: float = 0.0  # stalled seconds, each decayed by its age
+    _at: float | None = None  # when _stalled was last decayed
 
     def observe(self, event: StepEvent) -> None:
         """The engine's step hook: every prefill and decode call, whoever ran it (the
@@ -91,28 +96,32 @@ class StepCost:
         self.text_tokens = _follow(self.text_tokens, tokens)
 
     def observe_finish(self, task: str, seconds: float) -> None:
+        """Making a result took `seconds` on the finisher thread, on the cores the engine uses:
+        while both work each runs at about half speed, so the engine lost about half of it."""
         self.finish_seconds[task] = _follow(self.finish_seconds.get(task, 0.0), seconds)
+        self.observe_stall(seconds / 2)
 
-    def observe_step(self, stalled: float, seconds: float) -> None:
-        """A step of `seconds` in all, `stalled` of them prompts and encoding."""
-        self._stalled = self.decay * self._stalled + stalled
-        self._stepped = self.decay * self._stepped + seconds
+    def observe_stall(self, seconds: float) -> None:
+        """The engine's rows waited `seconds` (prompts and encoding, or the finisher)."""
+        self._decay_to(self.clock())
+        self._stalled += seconds
 
     @property
     def stall_share(self) -> float:
-        return self._stalled / self._stepped if self._stepped else 0.0
+        """Counted as if the engine had idled before its first step, so one early prompt does
+        not read as a machine that does nothing else."""
+        self._decay_to(self.clock())
+        return min(1.0, self._stalled / self.stall_window)
+
+    def _decay_to(self, now: float) -> None:
+        self._stalled *= math.exp(-(now - (self._at or now)) / self.stall_window)
+        self._at = now
 
     def expected_steps(self, seq: Sequence) -> int:
         if seq.forced is None and seq.stop_id is not None:
             expected = math.ceil(self.text_tokens) - len(seq.generated)
             return min(seq.tokens_left, max(1, expected))
         return seq.tokens_left
-
-
-def _by_window(seqs: list[Sequence]) -> tuple[int, int]:
-    """(image rows, text rows)."""
-    text = sum(1 for s in seqs if s.writes_text)
-    return len(seqs) - text, text
 
 
 def _follow(mean: float, value: float) -> float:
@@ -169,7 +178,10 @@ class Scheduler:
 
     def admit(self, req: Request, now: float, checks: bool = True) -> None:
         """Queue a request, or refuse it with a clear error before it costs anything
-        (`checks=False`: queue it regardless, for the second half of admitted work)."""
+        (`checks=False`: queue it regardless, for the second half of admitted work). Refused:
+        past `max_queue`; a deadline the cost model says it cannot meet; and a request whose
+        work would make an admitted request that was on time miss its deadline (an admitted
+        request keeps its promise: later arrivals, however urgent, do not break it)."""
         if checks and len(self.queue) >= self.max_queue:
             retry = max(0.05, self.estimate_seconds(None))
             raise FacertOverloaded(
@@ -177,47 +189,81 @@ class Scheduler:
                 f"{retry:.1f} s",
                 retry_after=retry,
             )
-        if checks and req.deadline is not None:
-            eta = self.estimate_seconds(req)
-            if now + eta > req.deadline:
+        admitted = self.requests()
+        promised = [r for r in admitted if r.deadline is not None]
+        if checks and (req.deadline is not None or promised):
+            after = self.predict([*admitted, req])
+            if req.deadline is not None and now + after[req] > req.deadline:
                 raise DeadlineExceeded(
-                    f"this {req.task} request needs about {eta:.2f} s at the current load, "
-                    f"more than its deadline allows ({req.deadline - now:.2f} s)"
+                    f"this {req.task} request needs about {after[req]:.2f} s at the current "
+                    f"load, more than its deadline allows ({req.deadline - now:.2f} s)"
+                )
+            before = self.predict(admitted) if promised else {}
+            broken = [r for r in promised if now + before[r] <= r.deadline < now + after[r]]
+            if broken:
+                retry = max(0.05, min(before[r] for r in broken))
+                raise FacertOverloaded(
+                    f"the model is busy: this {req.task} request would make {len(broken)} "
+                    f"admitted request(s) miss their deadline; retry in about {retry:.1f} s",
+                    retry_after=retry,
                 )
         bisect.insort(self.queue, req, key=Request.sort_key)
 
     def estimate_seconds(self, req: Request | None) -> float:
-        """Predicted seconds until `req` would finish if admitted now (None: until the queue
-        ahead of a new lowest-priority request has drained). Counts the decode work (row-steps)
-        of everything ahead of it, spread over the slots that rows behind it do not hold, its
-        own rows' sequential steps, the prompts still to prefill and making its result; every
-        step is priced at the rows it will run, rows behind it that already hold slots
-        included."""
-        ahead = [r for r in self.requests() if req is None or r.sort_key() < req.sort_key()]
-        mine = [] if req is None else [req]
-        seqs = [s for r in ahead + mine for s in r.seqs if not s.done]
-        if not seqs:
-            return 0.0
-        behind = [s for r in self.active if r not in ahead
-                  for s in r.seqs[: r.started] if not s.done]  # fmt: skip
-        work = sum(self.cost.expected_steps(s) for s in seqs)
-        slots = max(1, self.pool.num_slots - len(behind))
-        depth = max((self.cost.expected_steps(s) for r in mine for s in r.seqs), default=0)
-        steps = max(depth, math.ceil(work / min(slots, len(seqs))))
-        # the rows of its steps, as many of each window as the slots hold
-        image, text = _by_window(seqs + behind)
-        scale = min(1.0, self.pool.num_slots / (image + text))
-        prompts = sum(self.cost.prefill_seconds(prompt_tokens(r.waiting))
-                      for r in ahead + mine if r.waiting)  # fmt: skip
-        images = sum(r.images for r in ahead + mine if r.prepare is not None)
-        # decode steps go on only between the prompts of requests yet to arrive
-        stalled = 1.0 - min(self.cost.stall_share, 0.9)
-        return (
-            steps * self.cost.decode_seconds(image * scale, text * scale) / stalled
-            + prompts
-            + images * self.cost.encode_per_image
-            + sum(self.cost.finish_seconds.get(r.task, 0.0) for r in mine)
-        )
+        """Predicted seconds until `req` would finish if admitted now (None: until everything
+        admitted has finished)."""
+        admitted = self.requests()
+        if req is None:
+            return max(self.predict(admitted).values(), default=0.0)
+        return self.predict([*admitted, req])[req]
+
+    def predict(self, reqs: list[Request]) -> dict[Request, float]:
+        """Seconds from now until each request's result is made, by playing the schedule
+        forward with the cost model: rows start in admission order as slots free up (each
+        request's prompts and encoding stall every running row when it starts), every decode
+        step is priced at the rows running then, and making the result follows its last row.
+        Decode steps are stretched by the share of time that prompts took lately
+        (`stall_share`): requests yet to arrive will stall them again."""
+        cost = self.cost
+        order = sorted(reqs, key=Request.sort_key)
+        running = [[cost.expected_steps(s), s.writes_text, r]
+                   for r in order for s in r.seqs[: r.started] if not s.done]  # fmt: skip
+        waiting = [(r, s) for r in order for s in r.waiting]
+        rows_left = {r: sum(1 for s in r.seqs if not s.done) for r in order}
+        free = self.pool.num_slots - len(running)
+        stretch = 1.0 / (1.0 - min(cost.stall_share, 0.9))
+        clock, finish = 0.0, {}
+        for r in order:
+            if not rows_left[r]:
+                finish[r] = cost.finish_seconds.get(r.task, 0.0)
+        while running or waiting:
+            for r, s in list(waiting):
+                if free <= 0:
+                    break
+                reserve = 0 if r.priority <= PRIORITY_ANALYSIS else self.reserved_slots
+                if free <= reserve:
+                    continue
+                if s is r.waiting[0]:  # the request starts: its prompts and images first
+                    clock += cost.prefill_seconds(prompt_tokens(r.waiting))
+                    clock += (r.images * cost.encode_per_image) if r.prepare else 0.0
+                running.append([cost.expected_steps(s), s.writes_text, r])
+                waiting.remove((r, s))
+                free -= 1
+            if not running:  # only slots kept for analysis are free, and only drawings wait
+                break
+            steps = min(row[0] for row in running)
+            text = sum(1 for row in running if row[1])
+            clock += steps * cost.decode_seconds(len(running) - text, text) * stretch
+            for row in running:
+                row[0] -= steps
+            for row in [row for row in running if row[0] <= 0]:
+                running.remove(row)
+                free += 1
+                r = row[2]
+                rows_left[r] -= 1
+                if not rows_left[r]:
+                    finish[r] = clock + cost.finish_seconds.get(r.task, 0.0)
+        return {r: finish.get(r, math.inf) for r in reqs}
 
     # -- the worker's side ------------------------------------------------------------------
 

@@ -164,7 +164,7 @@ class Worker:
                     self.engine.decode(running)
                 except Exception as e:
                     self._fail_rows(running, e)
-            self.scheduler.cost.observe_step(decode_start - start, time.monotonic() - start)
+            self.scheduler.cost.observe_stall(decode_start - start)
         with self._cv:
             self.last_step_at, self._step_started = time.monotonic(), None
             if self._stuck:  # the step came back: serve again (its requests were failed)
