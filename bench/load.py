@@ -116,10 +116,11 @@ def markdown(result: dict) -> str:
         "`one-at-a-time`: a FIFO server loop around FaceModel (virtual clock, real service "
         "times). Rates are multiples of the one-at-a-time capacity; goodput counts requests "
         "that finished within their deadline (a multiple of the task's solo latency) per "
-        "second; met is over all requests, admitted met over those the scheduler admitted.",
+        "second; met is over all requests, admitted met over those the scheduler admitted; "
+        "overran: admitted, then cancelled when it ran past its deadline.",
     ]
     head = ["policy", "rate ×", "offered req/s", "throughput req/s", "p50 ms", "p99 ms",
-            "goodput req/s", "met", "admitted met", "refused", "refusal ms (max)",
+            "goodput req/s", "met", "admitted met", "refused", "refusal ms (max)", "overran",
             "mean batch"]  # fmt: skip
     for m in result["models"]:
         for c in m["configs"]:
@@ -129,8 +130,9 @@ def markdown(result: dict) -> str:
             body = [[r["policy"], r["rate_factor"], r["offered_rps"], r["throughput_rps"],
                      r["p50_ms"], r["p99_ms"], r["goodput_rps"], f"{r['met']:.0%}",
                      f"{r['admitted_met']:.0%}" if "admitted_met" in r else "-",
-                     f"{r['refused']:.0%}" if "refused" in r else "-",
-                     r.get("refusal_ms_max", "-"), r["mean_batch"]]
+                     _refused(r) if "refused" in r else "-",
+                     r.get("refusal_ms_max", "-"),
+                     f"{r['overran']:.0%}" if "overran" in r else "-", r["mean_batch"]]
                     for r in c["rows"]]  # fmt: skip
             lines += [
                 f"\n#### model {m['model']}, {c['contestant']}: {m['requests']} requests per "
@@ -143,6 +145,14 @@ def markdown(result: dict) -> str:
                 *_target_lines(c),
             ]
     return "\n".join(lines)
+
+
+def _refused(row: dict) -> str:
+    """'21% (3 own, 2 promises)': refused for their own deadline (DeadlineExceeded), or because
+    they would have made admitted requests late (FacertOverloaded)."""
+    by = row.get("refused_by", {})
+    own, promises = by.get("DeadlineExceeded", 0), by.get("FacertOverloaded", 0)
+    return f"{row['refused']:.0%}" + (f" ({own} own, {promises} promises)" if by else "")
 
 
 def _target_lines(config: dict) -> list[str]:

@@ -35,6 +35,7 @@ def serve(
     rows_before = _rows_per_step(model)
     done = threading.Semaphore(0)
     refused, refusal_s, missed = [], [], []
+    refused_by: dict[str, int] = {}
     start = time.perf_counter()
 
     def finished(r: Request, future) -> None:
@@ -50,8 +51,9 @@ def serve(
         t0 = time.perf_counter()
         try:
             future = _submit(model, r, image, attribute, deadlines[r.task])
-        except FacertError:  # refused at admission: FacertOverloaded or DeadlineExceeded
+        except FacertError as e:  # refused at admission: FacertOverloaded or DeadlineExceeded
             refused.append(r)
+            refused_by[type(e).__name__] = refused_by.get(type(e).__name__, 0) + 1
             refusal_s.append(time.perf_counter() - t0)
             continue
         submitted += 1
@@ -69,6 +71,8 @@ def serve(
         "met": len(met) / len(requests),
         "admitted_met": len(met) / submitted if submitted else 1.0,
         "refused": len(refused) / len(requests),
+        "refused_by": refused_by,  # DeadlineExceeded: its own; FacertOverloaded: others' promises
+        "overran": len(missed) / len(requests),  # admitted, then cancelled past its deadline
         "refusal_ms_max": 1e3 * max(refusal_s, default=0.0),
         "p50_ms": lat["p50"],
         "p99_ms": lat["p99"],

@@ -4,8 +4,8 @@ No threads and no execution here (the worker runs steps, the engine executes the
 - a bounded queue: past `max_queue` waiting requests a new one is refused at once with
   FacertOverloaded and an estimate of when to retry, never an unbounded backlog;
 - deadlines: a request the cost model says cannot finish in time is refused at admission, and
-  so is one whose work would make an admitted request miss the deadline it was on course for
-  (admission is a promise); one that runs past its deadline is dropped and its slots freed;
+  so is one whose work would delay an admitted request past its deadline (admission is a
+  promise); one that runs past its deadline is dropped and its slots freed;
 - priorities: lower first (analysis before drawing by default), then earliest deadline, then
   arrival; `reserved_slots` slots are kept for the most urgent priority, so a kiosk's question
   never waits behind a 256-token drawing that filled the cache;
@@ -67,7 +67,7 @@ class StepCost:
     (`stall_share`): they stall every running row, and arrivals to come will take as much
     again."""
 
-    stall_window: float = 20.0  # seconds: the time constant of `stall_share`
+    stall_window: float = 10.0  # seconds: the time constant of `stall_share`
     clock: Callable[[], float] = time.monotonic
     # (image rows, text rows) -> seconds: a text row's head spans the whole wordpiece
     # vocabulary, an image row's only the codes, so the two cost differently
@@ -180,8 +180,8 @@ class Scheduler:
         """Queue a request, or refuse it with a clear error before it costs anything
         (`checks=False`: queue it regardless, for the second half of admitted work). Refused:
         past `max_queue`; a deadline the cost model says it cannot meet; and a request whose
-        work would make an admitted request that was on time miss its deadline (an admitted
-        request keeps its promise: later arrivals, however urgent, do not break it)."""
+        work would delay an admitted request past its deadline (admission is a promise: later
+        arrivals, however urgent, do not break it, nor slow one already running late)."""
         if checks and len(self.queue) >= self.max_queue:
             retry = max(0.05, self.estimate_seconds(None))
             raise FacertOverloaded(
@@ -199,12 +199,14 @@ class Scheduler:
                     f"load, more than its deadline allows ({req.deadline - now:.2f} s)"
                 )
             before = self.predict(admitted) if promised else {}
-            broken = [r for r in promised if now + before[r] <= r.deadline < now + after[r]]
+            # late, or later still: while an admitted request runs late, nothing may slow it
+            broken = [r for r in promised
+                      if now + after[r] > r.deadline and after[r] > before[r] + 1e-6]  # fmt: skip
             if broken:
                 retry = max(0.05, min(before[r] for r in broken))
                 raise FacertOverloaded(
-                    f"the model is busy: this {req.task} request would make {len(broken)} "
-                    f"admitted request(s) miss their deadline; retry in about {retry:.1f} s",
+                    f"the model is busy: this {req.task} request would delay {len(broken)} "
+                    f"admitted request(s) past their deadline; retry in about {retry:.1f} s",
                     retry_after=retry,
                 )
         bisect.insort(self.queue, req, key=Request.sort_key)

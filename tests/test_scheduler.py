@@ -200,13 +200,24 @@ def test_admission_keeps_the_promises_it_made():
     drawing = _drawing(10, deadline=1.25)  # needs 0.1 + 1.0 s
     s.admit(drawing, now=0.0)
     # a question goes first (priority 0): 0.1 + 0.2 s more would make the drawing late
-    with pytest.raises(FacertOverloaded, match="1 admitted request") as caught:
+    with pytest.raises(FacertOverloaded, match="delay 1 admitted request") as caught:
         s.admit(_drawing(2, deadline=10.0, priority=0), now=0.0)
     assert caught.value.retry_after == pytest.approx(1.1)
     assert s.queue == [drawing]
     later = _drawing(2, deadline=10.0)  # behind the drawing: it delays nobody
     s.admit(later, now=0.0)
     assert s.queue == [drawing, later]
+
+
+def test_nothing_may_slow_an_admitted_request_that_runs_late():
+    s = _priced_scheduler(slots=1)
+    late = _drawing(10, deadline=0.5)  # admitted unchecked; it needs 1.1 s
+    s.admit(late, now=0.0, checks=False)
+    with pytest.raises(FacertOverloaded, match="delay 1 admitted request"):
+        s.admit(_drawing(2, priority=0), now=0.0)  # a question would go first
+    behind = _drawing(2, deadline=10.0)  # waits for the late one's slot: it slows nothing
+    s.admit(behind, now=0.0)
+    assert s.queue == [late, behind]
 
 
 def test_stall_share_is_the_recent_share_of_wall_time():
