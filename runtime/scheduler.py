@@ -166,6 +166,7 @@ class Scheduler:
         self.reserved_slots = self.pool.num_slots // 4 if reserved_slots is None else reserved_slots
         self.queue: list[Request] = []  # requests with sequences not started, in admission order
         self.active: list[Request] = []  # requests with at least one sequence started
+        self.finishing: list[Request] = []  # done in the engine, their results being made
         self.cost = StepCost()
 
     def has_work(self) -> bool:
@@ -234,10 +235,10 @@ class Scheduler:
         rows_left = {r: sum(1 for s in r.seqs if not s.done) for r in order}
         free = self.pool.num_slots - len(running)
         stretch = 1.0 / (1.0 - min(cost.stall_share, 0.9))
-        clock, finish = 0.0, {}
+        clock, done = 0.0, {}
         for r in order:
             if not rows_left[r]:
-                finish[r] = cost.finish_seconds.get(r.task, 0.0)
+                done[r] = 0.0
         while running or waiting:
             for r, s in list(waiting):
                 if free <= 0:
@@ -264,8 +265,27 @@ class Scheduler:
                 r = row[2]
                 rows_left[r] -= 1
                 if not rows_left[r]:
-                    finish[r] = clock + cost.finish_seconds.get(r.task, 0.0)
+                    done[r] = clock
+        finish = self._results_made(done)
         return {r: finish.get(r, math.inf) for r in reqs}
+
+    def _results_made(self, done: dict[Request, float]) -> dict[Request, float]:
+        """When each result is made, given when its rows are done: one finisher, which makes
+        the most urgent ready result first, and owes the ones handed to it already."""
+        seconds = self.cost.finish_seconds
+        ready = [(0.0, r) for r in self.finishing] + sorted(
+            ((t, r) for r, t in done.items()), key=lambda x: x[0]
+        )
+        free, made, waiting = 0.0, {}, []
+        while ready or waiting:
+            while ready and (ready[0][0] <= free or not waiting):
+                t, r = ready.pop(0)
+                free = max(free, t) if not waiting else free
+                bisect.insort(waiting, r, key=Request.sort_key)
+            r = waiting.pop(0)
+            free += seconds.get(r.task, 0.0)
+            made[r] = free
+        return made
 
     # -- the worker's side ------------------------------------------------------------------
 
@@ -328,7 +348,13 @@ class Scheduler:
             if req.done:
                 self.active.remove(req)
                 finished.append(req)
+        self.finishing += finished
         return finished
+
+    def finished(self, req: Request) -> None:
+        """Its result is made (or failed): the finisher no longer owes it anything."""
+        if req in self.finishing:
+            self.finishing.remove(req)
 
     def drop(self, req: Request) -> None:
         """Forget a request (cancelled, expired or failed), freeing every slot it holds."""

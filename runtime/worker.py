@@ -14,10 +14,11 @@ new calls are refused until the step returns.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from .engine import Engine
@@ -47,7 +48,11 @@ class Worker:
         self._step_started: float | None = None  # when the running step began
         self._stuck = False
         self._closed = threading.Event()  # the engine thread has stopped: the watchdog stops
-        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="facert-finish")
+        # results to make, most urgent first (a caption's words before a drawing's pixels)
+        self._results: queue.PriorityQueue = queue.PriorityQueue()
+        self._finisher = threading.Thread(target=self._finish_loop, name="facert-finish",
+                                          daemon=True)  # fmt: skip
+        self._finisher.start()
         engine.observers.append(scheduler.cost.observe)  # prices every step, whoever runs it
         self._thread = threading.Thread(target=self._loop, name="facert-engine", daemon=True)
         self._thread.start()
@@ -102,7 +107,9 @@ class Worker:
             self._cv.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-        self._finisher.shutdown(wait=True)
+        self._results.put(_LAST)
+        if threading.current_thread() is not self._finisher:
+            self._finisher.join()
 
     # -- the engine thread --------------------------------------------------------------------
 
@@ -131,7 +138,7 @@ class Worker:
                     finished = self.scheduler.retire()
                     self._finishing += len(finished)
                 for req in finished:
-                    self._finisher.submit(self._finish, req)
+                    self._results.put((0, req.sort_key(), req))
         except BaseException as e:  # a bug in the loop itself: fail everyone, refuse new work
             with self._cv:
                 self._failure = e
@@ -272,11 +279,19 @@ class Worker:
             DeadlineExceeded(f"this {req.task} request ran {late:.2f} s past its deadline"),
         )
 
+    def _finish_loop(self) -> None:
+        while (item := self._results.get()) is not _LAST:
+            self._finish(item[2])
+
     def _finish(self, req: Request) -> None:
-        """On the finisher thread: sequences -> the caller's result. Callbacks on the future
-        (e.g. submitting the scoring half of a best-of-N) run before this returns."""
+        """On the finisher thread: sequences -> the caller's result, unless its deadline passed
+        while it waited (making it would only delay the results still on time). Callbacks on
+        the future (e.g. submitting the scoring half of a best-of-N) run before this returns."""
         start = time.monotonic()
         try:
+            if req.deadline is not None and start > req.deadline:
+                self._fail_expired(req, start)
+                return
             if not req.future.set_running_or_notify_cancel():
                 return
             try:
@@ -291,8 +306,12 @@ class Worker:
                 self.scheduler.cost.observe_finish(req.task, now - start)
         finally:
             with self._cv:
+                self.scheduler.finished(req)
                 self._finishing -= 1
                 self._cv.notify()
+
+
+_LAST = (1,)  # sorts after every (0, key, request): the finisher stops there
 
 
 def _set_exception(future: Future, error: BaseException) -> None:

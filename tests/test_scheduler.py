@@ -220,6 +220,21 @@ def test_nothing_may_slow_an_admitted_request_that_runs_late():
     assert s.queue == [late, behind]
 
 
+def test_results_are_made_most_urgent_first_after_the_finishers_backlog():
+    s = _priced_scheduler()
+    s.cost.finish_seconds.update(generate=1.0, caption=0.1)
+    drawing, question = _drawing(2), _drawing(2, priority=0)
+    question.task = "caption"
+    s.admit(drawing, now=0.0)
+    s.admit(question, now=0.0)
+    got = s.predict(s.requests())
+    done = 0.2 + 2 * 0.2  # both prompts, then two steps of two rows
+    assert got[question] == pytest.approx(done + 0.1)  # its words before the drawing's pixels
+    assert got[drawing] == pytest.approx(done + 0.1 + 1.0)
+    s.finishing.append(_drawing(1))  # a face the finisher is still drawing
+    assert s.predict([question])[question] == pytest.approx(1.0 + 0.1)
+
+
 def test_stall_share_is_the_recent_share_of_wall_time():
     now = [0.0]
     cost = StepCost(stall_window=20.0, clock=lambda: now[0])
