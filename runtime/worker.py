@@ -281,7 +281,10 @@ class Worker:
 
     def _finish_loop(self) -> None:
         while (item := self._results.get()) is not _LAST:
-            self._finish(item[2])
+            try:
+                self._finish(item[2])
+            except BaseException as e:  # a bug here fails its caller, never every later one
+                _set_exception(item[2].future, EngineFailure(f"making the result failed: {e!r}"))
 
     def _finish(self, req: Request) -> None:
         """On the finisher thread: sequences -> the caller's result, unless its deadline passed

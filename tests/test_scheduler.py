@@ -537,3 +537,21 @@ def test_a_memory_budget_sizes_the_cache_and_refuses_below_the_minimum(tiny_mode
         with pytest.raises(InvalidArgument, match="memory_budget"):
             _load(tiny_model_dir, memory_budget=bad)
     assert _load(tiny_model_dir, memory_budget="1GiB").memory.slots == MAX_SLOTS
+
+
+def test_a_bug_while_making_a_result_does_not_stop_later_results(tiny_model_dir):
+    m = _load(tiny_model_dir)
+    face = m.generate_faces("a face", n=1, seed=3, candidates=1)[0]
+    expected = m.caption(face)
+    real = m.metrics.observe
+
+    def broken(name, *args, **kwargs):
+        if name == "request_seconds":  # after the result is made, on the finisher thread
+            m.metrics.observe = real
+            raise RuntimeError("injected fault")
+        return real(name, *args, **kwargs)
+
+    m.metrics.observe = broken
+    assert m.submit("caption", face).result(timeout=30) == expected
+    assert m.submit("caption", face).result(timeout=30) == expected  # the finisher lives on
+    assert m.metrics.observe is real
