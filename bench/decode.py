@@ -115,7 +115,7 @@ def run(
         for c in configs:
             if progress:
                 progress(f"round {r + 1}/{rounds}: {' '.join(c)}")
-            near = _bandwidth(c[0])
+            near = backend_bandwidth(c[0])
             steps_s = time_decode(models[c], steps)
             times[c] += steps_s
             paired[c].append(statistics.median(steps_s) * near / weight_bytes[c])
@@ -139,7 +139,7 @@ def run(
     }
 
 
-def _bandwidth(backend: str) -> float:
+def backend_bandwidth(backend: str) -> float:
     """Bytes per second the backend's device reads now: host memory, or the GPU's for cuda."""
     if backend == "cuda":
         from .doctor import device_bandwidth

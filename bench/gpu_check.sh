@@ -8,9 +8,10 @@
 # Made for a fresh GPU machine reached through a tool that allows 10 minutes: the whole run ends
 # within DEADLINE_S (7m40s), each step under its own `timeout` cut to the time left, and a step
 # that fails or times out does not stop the later ones (summary.txt lists each step's exit
-# status; 124 = timed out). facert is installed from this checkout when it is not already (pip
-# needs no network beyond its usual index). Without nvidia-smi or a CUDA PyTorch, the GPU steps
-# are skipped with the reason and doctor runs its CPU checks only.
+# status; 124 = timed out). facert is installed from this checkout when it is not already: with
+# no index (pip --no-build-isolation --no-deps) where its dependencies are installed, as on a GPU
+# machine with no network, else from pip's usual index. Without nvidia-smi or a CUDA PyTorch, the
+# GPU steps are skipped with the reason and doctor runs its CPU checks only.
 set -u
 
 cd "$(dirname "$0")/.."
@@ -61,14 +62,15 @@ else
 fi
 
 # ---- facert from this checkout -----------------------------------------------------------------
+NEEDS="torch, numpy, onnx, onnx_ir, onnxruntime, tokenizers, safetensors, PIL, tqdm, pytest"
+NEEDS="$NEEDS, scikit_build_core"
 if "$PY" -c "import facert, facert.kernels as k, sys; k.cpu_library();
 sys.exit(not facert.__file__.startswith('$PWD/'))" >/dev/null 2>&1; then
   note "install: facert from $PWD already importable, kernels built"
+elif "$PY" -c "import $NEEDS" >/dev/null 2>&1; then # what facert needs is there: no index needed
+  step install-offline 180 "$PY" -m pip install --no-build-isolation --no-deps -e .
 else
   step install 240 "$PY" -m pip install -e '.[test]'
-  if ! grep -q "^install: exit 0 " "$SUMMARY"; then # offline: build with what is installed
-    step install-offline 180 "$PY" -m pip install --no-build-isolation --no-deps -e .
-  fi
 fi
 
 "$PY" - >>"$OUT_DIR/versions.txt" 2>&1 <<'EOF'

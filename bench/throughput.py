@@ -15,8 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .contestants import Facert, FullHead, prompt_length, ready_competitors
-from .decode import model_step_bytes
-from .machine import read_bandwidth
+from .decode import backend_bandwidth, model_step_bytes
 from .models import BenchModel
 from .reference import Reference
 from .report import machine_line, table, target, target_lines
@@ -40,8 +39,9 @@ def run(
     with tqdm(total=len(batches) * len(contestants) + 2, desc=f"throughput {model.name}",
               disable=not progress) as bar:  # fmt: skip
         bar.set_postfix_str("warm-up")
-        for c in contestants:
-            c.generate(1, 0, new_tokens=8)
+        for c in contestants:  # at every batch: the cuda backend captures a graph per batch size
+            for batch in batches:
+                c.generate(batch, 0, new_tokens=8)
         bar.update()
         for batch in batches:
             for c in contestants:
@@ -60,16 +60,18 @@ def run(
         ref_rate = n / float(ref.step_costs(prompt, n).sum())
         rows += [{"contestant": ref.name, "batch": b, "tokens_per_s": ref_rate,
                   "note": "modelled; samples run one after another"} for b in batches]  # fmt: skip
-        bandwidth = read_bandwidth()["bytes_per_s"]
+        # each config's ceiling at its own device's bandwidth: host memory, or the GPU's for cuda
+        bandwidths = {n: backend_bandwidth(n) for n in {f.model.backend.name for f in facerts}}
         bar.update()
-    ceilings = {
-        c.name: {"weight_bytes": model_step_bytes(c.model),
-                 "tokens_per_s": [b * bandwidth / model_step_bytes(c.model) for b in batches]}
-        for c in contestants if isinstance(c, Facert)
-    }  # fmt: skip
+    ceilings = {}
+    for c in contestants:
+        if isinstance(c, Facert):
+            step, bw = model_step_bytes(c.model), bandwidths[c.model.backend.name]
+            ceilings[c.name] = {"weight_bytes": step, "bandwidth_gb_s": bw / 1e9,
+                                "tokens_per_s": [b * bw / step for b in batches]}  # fmt: skip
     return {
         "model": model.name, "path": str(model.path), "batches": list(batches),
-        "prompt_len": prompt, "new_tokens": n, "bandwidth_gb_s": bandwidth / 1e9,
+        "prompt_len": prompt, "new_tokens": n,
         "rows": rows, "ceilings": ceilings, "skipped": skipped,
     }  # fmt: skip
 
@@ -96,7 +98,8 @@ def markdown(result: dict) -> str:
         "top-k 70; LM only, no VQGAN. One timed run per cell after a warm-up. facert computes only "
         "the 1024 image codes' logits; its `full head` rows compute the whole vocabulary's, as "
         "transformers and onnxruntime-genai do. Ceiling: batch x read bandwidth / step weight "
-        "bytes (the decode floor as a rate).",
+        "bytes (the decode floor as a rate), at the bandwidth of the memory the config reads "
+        "(host memory; the GPU's for cuda), measured in the same run.",
     ]
     for m in result["models"]:
         names = list(dict.fromkeys(r["contestant"] for r in m["rows"]))
@@ -108,11 +111,11 @@ def markdown(result: dict) -> str:
             hf = [_rate(m, TRANSFORMERS, b) for b in m["batches"]]
             body.append([name, *rates, *(r / h if r and h else None for r, h in zip(rates, hf))])
         for name, c in m["ceilings"].items():
-            body.append([f"ceiling: {name} ({c['weight_bytes'] / 1e6:.0f} MB/step)",
+            body.append([f"ceiling: {name} ({c['weight_bytes'] / 1e6:.0f} MB/step at "
+                         f"{c['bandwidth_gb_s']:.0f} GB/s)",
                          *c["tokens_per_s"], *([None] * len(m["batches"]))])  # fmt: skip
         lines += [
-            f"\n#### model {m['model']} ({m['new_tokens']} codes after {m['prompt_len']} ids, "
-            f"read bandwidth {m['bandwidth_gb_s']:.1f} GB/s)\n",
+            f"\n#### model {m['model']} ({m['new_tokens']} codes after {m['prompt_len']} ids)\n",
             table(head, body),
             "",
             *target_lines(targets(m)),
@@ -126,11 +129,11 @@ def plot(result: dict, fig) -> None:
     for ax, m in zip(axes, result["models"]):
         for name in dict.fromkeys(r["contestant"] for r in m["rows"]):
             ax.plot(m["batches"], [_rate(m, name, b) for b in m["batches"]], "o-", label=name)
-        same: dict[int, list[str]] = {}  # configs reading the same megabytes share a ceiling
+        same: dict[tuple, list[str]] = {}  # configs with one ceiling share its line
         for name, c in m["ceilings"].items():
-            same.setdefault(round(c["weight_bytes"] / 1e6), []).append(name.removeprefix("facert "))
-        for mb, names in same.items():
-            rates = [b * m["bandwidth_gb_s"] * 1e3 / mb for b in m["batches"]]
+            key = tuple(round(r) for r in c["tokens_per_s"])
+            same.setdefault(key, []).append(name.removeprefix("facert "))
+        for rates, names in same.items():
             ax.plot(m["batches"], rates, ":", color="grey", lw=1)
             ax.annotate(f"ceiling {', '.join(names)}", (m["batches"][-1], rates[-1]),
                         fontsize=6, ha="right", va="bottom")  # fmt: skip

@@ -1,10 +1,10 @@
 """The CUDA backend's math against the torch reference backend.
 
-Without a GPU the backend runs on the CPU (device="cpu": no CUDA graphs, torch attention ops),
+Without a GPU the backend runs on the CPU (device="cpu": no CUDA graphs, torch ops),
 which checks everything but the device itself: the mixed-precision forward, prefill and decode
 through the static cache, bucket padding, copy_slot, the three tasks through the real engine;
-and, in a subprocess under Triton's interpreter, the backend's decode with facert's Triton
-attention kernel and sampler.
+and, in a subprocess under Triton's interpreter, the backend's prefill and decode with facert's
+Triton kernels (attention, residual add + LayerNorm, GELU) and sampler.
 Tests marked `gpu` need CUDA (graphs, fp16/bf16 on the device, the Triton kernels inside a graph)
 and skip with "no CUDA GPU" elsewhere.
 
@@ -185,14 +185,14 @@ def test_torch_decode_attention_is_the_reference_attention():
         torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5)
 
 
-def test_backend_options_and_why_it_chose_its_attention(monkeypatch):
+def test_backend_options_and_why_it_chose_its_kernels(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # another test module may set it
     config = load_config(BUNDLED_MODEL)
     backend = CudaBackend(model_files(), config, "fp32", device="cpu")
-    assert (backend.attention, backend.graphs) == ("torch", False)
-    assert "CPU" in backend.attention_note
+    assert (backend.kernels, backend.graphs) == ("torch", False)
+    assert "CPU" in backend.kernels_note
     with pytest.raises(FacertError, match="triton"):
-        CudaBackend(model_files(), config, "fp32", device="cpu", attention="triton")
+        CudaBackend(model_files(), config, "fp32", device="cpu", kernels="triton")
     with pytest.raises(FacertError, match="precision"):
         CudaBackend(model_files(), config, "int8", device="cpu")
     assert buckets_for(1) == [1] and buckets_for(16) == [1, 2, 4, 8, 16]
@@ -240,11 +240,11 @@ def test_create_backend_reads_each_model_file_once(monkeypatch):
 
 def interpreted_triton_check() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1 (it must be set before the kernels import):
-    the backend's decode path with the Triton attention kernel and sampler on CPU tensors."""
+    the backend's prefill and decode with the Triton kernels and sampler on CPU tensors."""
     config = load_config(BUNDLED_MODEL)
-    triton = CudaBackend(model_files(), config, "fp32", device="cpu", attention="triton")
-    plain = CudaBackend(model_files(), config, "fp32", device="cpu", attention="torch")
-    assert triton.attention == "triton", triton.attention_note
+    triton = CudaBackend(model_files(), config, "fp32", device="cpu", kernels="triton")
+    plain = CudaBackend(model_files(), config, "fp32", device="cpu", kernels="torch")
+    assert triton.kernels == "triton", triton.kernels_note
     lo, hi = config.lm.text_vocab_size, config.lm.vocab_size
     prompts = [np.arange(1, 1 + n) for n in (20, 9, 14)]
     slots, tokens, positions = (
@@ -286,14 +286,14 @@ def test_triton_kernels_in_the_backend_under_the_interpreter():
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_gpu_graphs_match_eager_and_the_reference(reference, codes, precision):
     config = reference.config
-    graphed = CudaBackend(model_files(), config, precision)  # Triton attention when it imports
+    graphed = CudaBackend(model_files(), config, precision)  # Triton kernels when they import
     graphed.allocate(4, config.lm.seq_length)
     seqs = task_sequences(reference, codes)
     reference.engine.run(seqs)
     expected = np.concatenate([teacher_forced_logits(reference.backend, s) for s in seqs])
     got = np.concatenate([teacher_forced_logits(graphed, s) for s in seqs])
-    # the same attention as the graphs ran (it falls back to torch ops if Triton fails in one)
-    eager = CudaBackend(model_files(), config, precision, graphs=False, attention=graphed.attention)
+    # the same kernels as the graphs ran (they fall back to torch ops if Triton fails in one)
+    eager = CudaBackend(model_files(), config, precision, graphs=False, kernels=graphed.kernels)
     eager.allocate(4, config.lm.seq_length)
     assert graphed.graphs and not eager.graphs
     eager_logits = np.concatenate([teacher_forced_logits(eager, s) for s in seqs])
@@ -332,14 +332,14 @@ def test_gpu_triton_kernel_inside_the_graph(reference, codes):
     if os.environ.get("TRITON_INTERPRET") == "1":  # e.g. set by another test module's import
         pytest.skip("TRITON_INTERPRET=1 in this process: run `pytest -m gpu` on this file alone")
     config = reference.config
-    triton = CudaBackend(model_files(), config, "fp16", attention="triton")
-    plain = CudaBackend(model_files(), config, "fp16", attention="torch")
+    triton = CudaBackend(model_files(), config, "fp16", kernels="triton")
+    plain = CudaBackend(model_files(), config, "fp16", kernels="torch")
     seq = task_sequences(reference, codes)[0]
     reference.engine.run([seq])
     for b in (triton, plain):
         b.allocate(2, config.lm.seq_length)
     got = teacher_forced_logits(triton, seq)
-    assert triton.attention == "triton", triton.attention_note  # it did not fall back
+    assert triton.kernels == "triton", triton.kernels_note  # it did not fall back
     np.testing.assert_allclose(got, teacher_forced_logits(plain, seq), atol=5e-2, rtol=0)
     hidden = triton.prefill(np.array([0]), [seq.prompt_ids], [seq.prompt_segs])
     hidden = np.repeat(hidden, 4, axis=0)

@@ -86,6 +86,6 @@ def test_cuda_checks_on_the_cpu_build_of_the_cuda_backend(tiny_model_dir, monkey
     assert [(c.backend, c.precision) for c in checks] == [("cuda", "fp32"), ("cuda", "bf16")]
     fp32 = checks[0]
     assert fp32.greedy_equal and fp32.samples_equal == 1.0 and fp32.rel_error < 1e-4, fp32
-    assert fp32.lm_path == "eager, torch attention" and sorted(fp32.step_ms) == [1, 16]
+    assert fp32.lm_path == "eager, torch kernels" and sorted(fp32.step_ms) == [1, 16]
     assert fp32.floor_ms > 0 and fp32.face_s > 0 and fp32.face_codes > 0
     assert all(c.passed for c in checks), doctor.device_table(checks)

@@ -23,7 +23,7 @@ if importlib.util.find_spec("triton") is None:  # not imported here: see the mod
     pytest.skip("triton is not installed (the test extra installs it)", allow_module_level=True)
 
 PTX = Path(__file__).resolve().parents[1] / "kernels" / "triton" / "ptx"
-KERNELS = {"attention", "sampling", "codes", "frames"}
+KERNELS = {"attention", "norm", "activation", "sampling", "codes", "frames"}
 TARGETS = {"sm_87", "sm_90a"}
 
 

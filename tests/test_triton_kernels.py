@@ -47,6 +47,8 @@ def tk():
 
     yield types.SimpleNamespace(
         decode_attention=kt.decode_attention,
+        add_layer_norm=kt.add_layer_norm,
+        gelu=kt.gelu,
         sample=kt.sample,
         nearest_codes=kt.nearest_codes,
         crop_resize=kt.crop_resize,
@@ -102,9 +104,9 @@ def run_attention(tk, rng, B, H, D, S, M, positions):
     ("B", "H", "D", "S", "M", "positions"),
     [
         (1, 1, 1, 1, 1, [0]),  # length-1 cache, head size 1
-        (3, 2, 5, 4, 40, [39, 0, 33]),  # odd head size; full capacity; a second tile
+        (3, 2, 5, 4, 40, [39, 0, 33]),  # odd head size; full capacity
         (2, 3, 64, 3, 9, [8, 4]),  # GPT-2's head size, full capacity
-        (4, 1, 7, 6, 70, [1, 31, 32, 64]),  # tile edges (32 positions a tile)
+        (4, 1, 7, 6, 300, [1, 127, 128, 299]),  # tile edges (128 positions a tile), a third tile
     ],
 )
 def test_decode_attention_matches_reference(tk, B, H, D, S, M, positions):
@@ -285,6 +287,80 @@ def test_sample_frequencies_follow_filtered_softmax(tk):
     dof = kept.size - 1
     assert dof == 4
     assert chi2 < 18.47, (chi2, counts[kept], expected)  # p = 0.001 at 4 degrees of freedom
+
+
+# ---- the block's residual add + LayerNorm, and GELU ----
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "with_delta"),
+    [
+        ((1, 768), torch.float32, False),  # GPT-2 small's width, one decode row
+        ((3, 5, 7), torch.float16, True),  # prefill-shaped, odd width, half-precision output
+        ((4, 2), torch.bfloat16, True),  # the narrowest row an unbiased std allows
+        ((0, 16), torch.float32, True),  # no rows
+    ],
+)
+def test_add_layer_norm_matches_reference(tk, shape, dtype, with_delta):
+    rng = np.random.default_rng(21)
+    x = (rng.normal(size=shape) * 3 + 1).astype(np.float32)
+    w, b = rng.normal(size=shape[-1]).astype(np.float32), rng.normal(size=shape[-1])
+    delta = rng.normal(size=shape).astype(np.float16) if with_delta else None
+    want_x, want = ref.add_layer_norm(x, w, b.astype(np.float32), 1e-6, delta)
+    xt = t(x)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    got = tk.add_layer_norm(
+        xt, t(w), t(b.astype(np.float32)), 1e-6,
+        delta=None if delta is None else t(delta), out_dtype=dtype, out=out,
+    )  # fmt: skip
+    assert got is out
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    np.testing.assert_allclose(got.float().numpy(), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(xt.numpy(), want_x, rtol=1e-6, atol=1e-6)  # x += delta in place
+
+
+def test_add_layer_norm_is_the_models_layer_norm(tk):
+    """Against export/lm.py's TencentPretrain LayerNorm module, an independent implementation."""
+    from facert.export.lm import TPLayerNorm
+
+    rng = np.random.default_rng(22)
+    ln = TPLayerNorm(64, eps=1e-12)
+    with torch.no_grad():
+        ln.weight.copy_(t(rng.normal(size=64).astype(np.float32)))
+        ln.bias.copy_(t(rng.normal(size=64).astype(np.float32)))
+        x = t(rng.normal(size=(5, 64)).astype(np.float32))
+        want = ln(x).numpy()
+    got = tk.add_layer_norm(x.clone(), ln.weight.detach(), ln.bias.detach(), 1e-12)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_add_layer_norm_refuses_bad_shapes(tk):
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="weight and bias"):
+        tk.add_layer_norm(x, torch.ones(7), torch.zeros(7), 1e-6)
+    with pytest.raises(ValueError, match="delta"):
+        tk.add_layer_norm(x, torch.ones(8), torch.zeros(8), 1e-6, delta=torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="fp32"):
+        tk.add_layer_norm(x.half(), torch.ones(8), torch.zeros(8), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gelu_matches_the_models_gelu(tk, dtype):
+    from facert.export.lm import gelu_fast
+
+    rng = np.random.default_rng(23)
+    x = t(np.concatenate([rng.normal(size=2500) * 4, [0.0, -30.0, 30.0, -1e4, 1e4, 1e-8]]))
+    x = x.float().to(dtype)
+    want = ref.gelu(x.float().numpy())
+    assert np.allclose(want, gelu_fast(x.double()).numpy(), rtol=1e-12, atol=1e-12)
+    out = torch.full_like(x, float("nan"))
+    got = tk.gelu(x, out=out)
+    assert got is out and got.dtype == dtype
+    tol = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    np.testing.assert_allclose(got.float().numpy(), want, rtol=tol, atol=tol)
+    in_place = x.clone()
+    assert tk.gelu(in_place, out=in_place) is in_place
+    np.testing.assert_array_equal(in_place.float().numpy(), got.float().numpy())
 
 
 # ---- nearest codes ----

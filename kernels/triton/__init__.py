@@ -2,6 +2,9 @@
 
 - `decode_attention(q, k_cache, v_cache, k_new, v_new, slots, positions)`: one layer's decode
   attention over the static slot cache, writing the new keys/values in place (attention.py);
+- `add_layer_norm(x, weight, bias, eps, delta=...)`: the block's residual add and the LayerNorm
+  after it, one kernel instead of torch's eight (norm.py);
+- `gelu(x)`: gelu_fast in one kernel instead of eight (activation.py);
 - `sample(logits, temperature, top_k, top_p, uniforms)`: the fused sampler with the C++
   sampler's semantics, logits kept on the device (sampling.py);
 - `nearest_codes(z, codebook)`: the VQGAN's nearest codebook vector, first minimum (codes.py);
@@ -19,6 +22,8 @@ from typing import Any
 
 _LAUNCHERS = {
     "decode_attention": "attention",
+    "add_layer_norm": "norm",
+    "gelu": "activation",
     "sample": "sampling",
     "nearest_codes": "codes",
     "crop_resize": "frames",

@@ -2,10 +2,10 @@
 facert.kernels.triton.aot [--out DIR] [--check]`.
 
 Each kernel is compiled for sm_87 (Jetson Orin) and sm_90 (H100/H200; Triton targets sm_90a) with
-concrete signatures and constexprs (the shapes facert runs: GPT-2-small heads, the sampler's
-tiles, the taming VQGAN's codebook tiles, faces cropped from up to 3x the output side). Every
-compile must succeed: Triton also assembles each PTX with its bundled ptxas, so a PTX that ptxas
-rejects fails here.
+concrete signatures and constexprs (the shapes facert runs: GPT-2-small heads and rows, the
+sampler's tiles, the taming VQGAN's codebook tiles, faces cropped from up to 3x the output side).
+Every compile must succeed: Triton also assembles each PTX with its bundled ptxas, so a PTX that
+ptxas rejects fails here.
 
 PTX ISA version: Triton 3.9 would declare the newest its ptxas knows (8.8 for sm_87, 9.4 for
 sm_90), and a CUDA driver JIT-compiles only PTX up to its own version. JetPack 6 ships CUDA 12.2
@@ -46,6 +46,7 @@ class Spec:
     signature: dict[str, str]
     constexprs: dict[str, int] = field(default_factory=dict)
     grid: str = ""  # how its launcher sizes the grid
+    num_warps: int = NUM_WARPS  # as its launcher runs it
     exact: bool = False  # compiled without FMA contraction, as its launcher runs it
 
 
@@ -57,8 +58,24 @@ SPECS = (
          "v_new": "*fp32", "slots": "*i64", "positions": "*i64", "out": "*fp32",
          "n_slots": "i32", "n_heads": "i32", "capacity": "i32", "head_dim": "i32",
          "scale": "fp32"},
-        {"BLOCK_M": 32, "BLOCK_D": 64},  # GPT-2 small: 12 heads of 64
+        {"BLOCK_M": 128, "BLOCK_D": 64},  # GPT-2 small: 12 heads of 64; attention.py's tiles
         "(B, H)",
+        num_warps=8,
+    ),
+    Spec(
+        "norm",
+        "_add_layer_norm_kernel",
+        {"x": "*fp32", "delta": "*fp16", "weight": "*fp32", "bias": "*fp32", "out": "*fp16",
+         "n_cols": "i32", "eps": "fp32"},
+        {"HAS_DELTA": 1, "BLOCK": 1024},  # the fp16 CUDA backend's add + norm, 768 channels
+        "(N,)",
+    ),
+    Spec(
+        "activation",
+        "_gelu_kernel",
+        {"x": "*fp16", "out": "*fp16", "n": "i32", "c": "fp32"},
+        {"BLOCK": 1024},
+        "(cdiv(n, BLOCK),)",
     ),
     Spec(
         "sampling",
@@ -108,7 +125,7 @@ def compile_spec(spec: Spec, capability: int) -> tuple[str, dict]:
     fn = getattr(importlib.import_module(f"{__package__}.{spec.module}"), spec.kernel)
     signature = dict(spec.signature, **dict.fromkeys(spec.constexprs, "constexpr"))
     src = ASTSource(fn=fn, signature=signature, constexprs=dict(spec.constexprs))
-    options = {"num_warps": NUM_WARPS, "ptx_version": PTX_VERSION}
+    options = {"num_warps": spec.num_warps, "ptx_version": PTX_VERSION}
     if spec.exact:
         options["enable_fp_fusion"] = False
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
@@ -126,7 +143,7 @@ def compile_spec(spec: Spec, capability: int) -> tuple[str, dict]:
         "signature": spec.signature,
         "constexprs": spec.constexprs,
         "grid": spec.grid,
-        "block": [NUM_WARPS * 32, 1, 1],
+        "block": [spec.num_warps * 32, 1, 1],
         "shared_bytes": compiled.metadata.shared,
         # Triton appends two pointer parameters (global and profile scratch): pass null when
         # their sizes are 0.

@@ -22,7 +22,11 @@ import triton.language as tl
 
 from ._launch import check_device, next_power_of_2, output_buffer
 
-BLOCK_M = 32  # cached positions per tile
+# A (row, head) program streams its positions tile by tile, so at batch 1 only 12 programs run and
+# each waits on its loads once a tile: big tiles and 8 warps halve a layer's attention on an H200
+# (position 300, fp16, batch 1: 24.8 us with 32-position tiles and 4 warps, 16.4 us with 128 and 8)
+BLOCK_M = 128  # cached positions per tile
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -119,6 +123,6 @@ def decode_attention(
         S, _, M, _ = k_cache.shape
         _decode_attention_kernel[(B, H)](
             q, k_cache, v_cache, k_new, v_new, slots, positions, out, S, H, M, D,
-            1.0 / math.sqrt(D), BLOCK_M=BLOCK_M, BLOCK_D=next_power_of_2(D),
+            1.0 / math.sqrt(D), BLOCK_M=BLOCK_M, BLOCK_D=next_power_of_2(D), num_warps=NUM_WARPS,
         )  # fmt: skip
     return out

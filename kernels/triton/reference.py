@@ -35,6 +35,23 @@ def decode_attention(
     return out
 
 
+def add_layer_norm(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, delta: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(..., C) -> (x + delta, TencentPretrain's LayerNorm of it: unbiased std, eps on the std),
+    both float64."""
+    h = x.astype(np.float64) + (0.0 if delta is None else delta.astype(np.float64))
+    diff = h - h.mean(-1, keepdims=True)
+    std = np.sqrt((diff * diff).sum(-1, keepdims=True) / (h.shape[-1] - 1))
+    return h, weight * diff / (std + eps) + bias
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """GPT-2's gelu_fast, tanh form, in float64."""
+    v = x.astype(np.float64)
+    return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+
+
 def _sanitize(x: np.ndarray) -> np.ndarray:
     """NaN counts as masked (-inf), +inf as the largest float: the samplers' contract."""
     return np.minimum(np.where(np.isnan(x), -np.inf, x), FLOAT_MAX).astype(np.float32)

@@ -12,10 +12,13 @@ place; the extra slot is scratch for padding. A decode step is captured once per
 bucket (1, 2, 4, ...) as a CUDA graph and replayed, so a step costs one launch instead of a few
 hundred; a batch is padded to its bucket with rows that write only the scratch slot.
 
-Decode attention runs facert.kernels.triton's kernel when it imports and works here, else the
-torch ops of `torch_decode_attention` (same contract); `self.attention` says which, and
-`self.attention_note` why. Sampling stays on the host like every backend (`head` returns
-logits; the engine samples); `sample` is the device-side path for later, checked by doctor.
+A small model's step on a big GPU is bound by the kernels it runs, not by its bytes, so the block
+runs facert.kernels.triton's fused kernels when they import and work here: decode attention, the
+residual add with the next LayerNorm, and GELU (about 11 kernels a layer instead of 35); else
+the same math in torch ops (`torch_decode_attention`, `_torch_add_norm`, `_torch_gelu`).
+`self.kernels` says which, and `self.kernels_note` why. Sampling stays on the host like every
+backend (`head` returns logits; the engine samples); `sample` is the device-side path for later,
+checked by doctor.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ from .base import pad_rows
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-ATTENTION_CHOICES = ("auto", "triton", "torch")
-NO_TRITON = "no Triton on the CPU (its interpreter runs attention='triton' if TRITON_INTERPRET=1)"
+KERNEL_CHOICES = ("auto", "triton", "torch")
+NO_TRITON = "no Triton on the CPU (its interpreter runs kernels='triton' if TRITON_INTERPRET=1)"
 
-AttentionFn = Callable[..., torch.Tensor]
+KernelFn = Callable[..., torch.Tensor]
 
 
 def torch_decode_attention(
@@ -68,13 +71,13 @@ def torch_decode_attention(
     return torch.matmul(probs[:, :, None], v)[:, :, 0].to(q.dtype)  # (B, H, D)
 
 
-def _triton_attention() -> tuple[AttentionFn | None, str]:
-    """facert.kernels.triton's decode_attention, or None and why not."""
+def _triton_block() -> tuple[tuple[KernelFn, KernelFn, KernelFn] | None, str]:
+    """facert.kernels.triton's (decode_attention, add_layer_norm, gelu), or None and why not."""
     try:
-        from facert.kernels.triton import decode_attention
+        from facert.kernels.triton import add_layer_norm, decode_attention, gelu
     except Exception as e:  # no triton, no module yet, or a broken install: torch ops then
         return None, f"facert.kernels.triton unavailable ({type(e).__name__}: {e})"
-    return decode_attention, "facert.kernels.triton.decode_attention"
+    return (decode_attention, add_layer_norm, gelu), "facert.kernels.triton"
 
 
 def _triton_sampler() -> Callable[..., torch.Tensor] | None:
@@ -123,24 +126,25 @@ class CudaBackend:
         precision: str = "fp16",
         device: str = "cuda",
         graphs: bool | None = None,
-        attention: str = "auto",
+        kernels: str = "auto",
     ):
         """files: the model directory read with its hash keeping LM_FILE and VQGAN_FILE (read_model,
         as for every backend: each file is read once); device="cpu" runs the same math without
         CUDA graphs or Triton (to test it anywhere); graphs: capture decode steps (default: on
-        CUDA); attention: "auto", "triton" or "torch"."""
+        CUDA); kernels: the block's fused Triton kernels or torch ops: "auto", "triton" or
+        "torch"."""
         if precision not in PRECISIONS:
             raise FacertError(
                 f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
             )
-        if attention not in ATTENTION_CHOICES:
-            raise FacertError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}")
+        if kernels not in KERNEL_CHOICES:
+            raise FacertError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}")
         self.config, self.precision = config, precision
         self.device, self.dtype = torch.device(device), DTYPES[precision]
         on_cuda = self.device.type == "cuda"
         self.graphs = on_cuda if graphs is None else graphs and on_cuda
         # Triton runs on CUDA; on the CPU only when asked for under its interpreter (tests)
-        interpreter = attention == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+        interpreter = kernels == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
         self._triton_here = on_cuda or interpreter
         self._load(files)
         self.cache_dtype = _numpy_dtype(self.dtype)
@@ -150,20 +154,28 @@ class CudaBackend:
         self._graphs: dict[int, _Graph] = {}
         self._pool = None
         self._lock = threading.RLock()  # a graph capture must not overlap other device work
-        self._choose_attention(attention)
+        self._choose_kernels(kernels)
 
-    def _choose_attention(self, attention: str) -> None:
-        """Triton's kernel for "auto" on CUDA when it imports, for "triton" or an error; torch ops
-        otherwise. `attention` and `attention_note` say which and why, for doctor."""
-        self._attend: AttentionFn = torch_decode_attention
-        self.attention, self.attention_note = "torch", "attention='torch' asked for"
-        if attention == "torch":
+    def _choose_kernels(self, kernels: str) -> None:
+        """Triton's kernels for "auto" on CUDA when they import, for "triton" or an error; torch
+        ops otherwise. `kernels` and `kernels_note` say which and why, for doctor."""
+        self._use_torch_kernels("kernels='torch' asked for")
+        if kernels == "torch":
             return
-        fn, self.attention_note = _triton_attention() if self._triton_here else (None, NO_TRITON)
-        if fn is None and attention == "triton":
-            raise FacertError(f"attention='triton' is not available: {self.attention_note}")
-        if fn is not None:
-            self._attend, self.attention = fn, "triton"
+        fns, note = _triton_block() if self._triton_here else (None, NO_TRITON)
+        if fns is None and kernels == "triton":
+            raise FacertError(f"kernels='triton' is not available: {note}")
+        if fns is not None:
+            self._attend, self._triton_add_norm, self._triton_gelu = fns
+            self._add_norm, self._gelu = self._fused_add_norm, self._fused_gelu
+            self.kernels, self.kernels_note = "triton", note
+        else:
+            self.kernels_note = note
+
+    def _use_torch_kernels(self, why: str) -> None:
+        self._attend: KernelFn = torch_decode_attention
+        self._add_norm, self._gelu = self._torch_add_norm, self._torch_gelu
+        self.kernels, self.kernels_note = "torch", why
 
     def _load(self, files: ModelFiles) -> None:
         lm = Talk2FaceLM(self.config.lm)  # loads by name and shape: a wrong file fails here
@@ -214,7 +226,7 @@ class CudaBackend:
     @property
     def lm_path(self) -> str:
         """Where the LM's decode steps run, for reports."""
-        return f"{'CUDA graphs' if self.graphs else 'eager'}, {self.attention} attention"
+        return f"{'CUDA graphs' if self.graphs else 'eager'}, {self.kernels} kernels"
 
     def step_weight_bytes(self, window: tuple[int, int]) -> int:
         """Weight bytes one decode step and its head read (embedding tables read one row): the
@@ -227,24 +239,60 @@ class CudaBackend:
 
     # ---- the transformer, shared by forward_logits, prefill and decode -------------------------
 
-    def _ln(self, x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """TencentPretrain's LayerNorm (unbiased std, eps on the std), in fp32."""
-        mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
-        return params[0] * (x - mean) / (std + self.config.lm.layernorm_eps) + params[1]
+    # The block's element-wise ops, each in two forms with one contract: x (..., C) is the fp32
+    # residual stream; _add_norm adds delta to it in place, then returns TencentPretrain's
+    # LayerNorm (unbiased std, eps on the std) of it in `dtype`; _gelu is gelu_fast in fp32 on a
+    # linear's output, in that output's dtype.
 
-    def _linear(self, x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return F.linear(x.to(self.dtype), *params)
+    def _torch_add_norm(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        params: tuple[torch.Tensor, torch.Tensor],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        if delta is not None:
+            x += delta  # fp32 += low precision: promoted, as x + delta.float()
+        mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+        y = params[0] * (x - mean) / (std + self.config.lm.layernorm_eps) + params[1]
+        return y.to(dtype)
+
+    def _fused_add_norm(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        params: tuple[torch.Tensor, torch.Tensor],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        eps = self.config.lm.layernorm_eps
+        return self._triton_add_norm(x, *params, eps, delta=delta, out_dtype=dtype)
+
+    def _torch_gelu(self, y: torch.Tensor) -> torch.Tensor:
+        return gelu_fast(y.float()).to(y.dtype)
+
+    def _fused_gelu(self, y: torch.Tensor) -> torch.Tensor:
+        return self._triton_gelu(y, out=y)
 
     def _embed(
         self, ids: torch.Tensor, segs: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         return (self.wte[ids].float() + self.wpe[positions].float()) + self.wse[segs].float()
 
-    def _finish_block(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Attention output (..., C) -> projection, residual, then the MLP and its residual."""
-        h = x + self._linear(attn, layer.proj).float()
-        mid = gelu_fast(self._linear(self._ln(h, layer.ln_2), layer.fc).float())
-        return h + self._linear(mid, layer.fc_out).float()
+    def _blocks(
+        self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Every block over the embedded rows x (..., C) fp32 (updated in place), then ln_f ->
+        (..., C) fp32. attend(layer, qkv (..., 3C)) -> the attention output (..., C). Each
+        residual add is fused with the LayerNorm after it (the next block's ln_1, or ln_f)."""
+        norms = [layer.ln_1 for layer in self.layers[1:]] + [self.ln_f]
+        a = self._add_norm(x, None, self.layers[0].ln_1, self.dtype)
+        for i, (layer, next_norm) in enumerate(zip(self.layers, norms)):
+            y = attend(i, F.linear(a, *layer.qkv))
+            a = self._add_norm(x, F.linear(y, *layer.proj), layer.ln_2, self.dtype)
+            mid = self._gelu(F.linear(a, *layer.fc))
+            out_dtype = torch.float32 if next_norm is self.ln_f else self.dtype
+            a = self._add_norm(x, F.linear(mid, *layer.fc_out), next_norm, out_dtype)
+        return a
 
     def _hidden(
         self,
@@ -257,31 +305,32 @@ class CudaBackend:
         B, T = ids.shape
         H, D = self.config.lm.n_head, self.config.lm.head_dim
         positions = torch.arange(T, device=ids.device).expand_as(ids)
-        x = self._embed(ids, segs, positions)  # (B, T, C)
         bias = prefix_mask_bias(segs)  # (B, 1, T, T)
-        for i, layer in enumerate(self.layers):
-            qkv = self._linear(self._ln(x, layer.ln_1), layer.qkv)  # (B, T, 3C)
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:  # (B, T, 3C) -> (B, T, C)
             q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
             if store is not None:
                 store(i, k, v)
             scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) / math.sqrt(float(D))
             probs = torch.softmax(scores + bias, dim=-1)  # (B, H, T, T)
             y = torch.matmul(probs, v.float()).transpose(1, 2).reshape(B, T, H * D)
-            x = self._finish_block(layer, x, y)
-        return self._ln(x, self.ln_f)
+            return y.to(self.dtype)
+
+        return self._blocks(self._embed(ids, segs, positions), attend)  # (B, T, C)
 
     def _decode_hidden(
         self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         """One segment-2 token per row (B,) -> (B, C) fp32; static shapes, so it can be captured."""
         B, H, D = tokens.shape[0], self.config.lm.n_head, self.config.lm.head_dim
-        x = self._embed(tokens, torch.full_like(tokens, 2), positions)  # (B, C)
-        for i, layer in enumerate(self.layers):
-            qkv = self._linear(self._ln(x, layer.ln_1), layer.qkv).view(B, 3, H, D)
-            q, k, v = (t.contiguous() for t in qkv.unbind(1))  # each (B, H, D)
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:  # (B, 3C) -> (B, C)
+            q, k, v = (t.contiguous() for t in qkv.view(B, 3, H, D).unbind(1))  # each (B, H, D)
             y = self._attend(q, self.k_cache[i], self.v_cache[i], k, v, slots, positions)
-            x = self._finish_block(layer, x, y.reshape(B, H * D))
-        return self._ln(x, self.ln_f)
+            return y.reshape(B, H * D)
+
+        x = self._embed(tokens, torch.full_like(tokens, 2), positions)  # (B, C)
+        return self._blocks(x, attend)
 
     # ---- the Backend interface -----------------------------------------------------------------
 
@@ -342,10 +391,10 @@ class CudaBackend:
         try:
             g = self._try_capture(bucket)
         except Exception as e:
-            if self.attention != "triton":
+            if self.kernels != "triton":
                 raise
-            self._attend, self.attention = torch_decode_attention, "torch"
-            self.attention_note = f"Triton kernel failed in a CUDA graph ({type(e).__name__}: {e})"
+            why = f"a Triton kernel failed in a CUDA graph ({type(e).__name__}: {e})"
+            self._use_torch_kernels(why)
             self._graphs.clear()
             g = self._try_capture(bucket)
         self._graphs[bucket] = g
