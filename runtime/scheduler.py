@@ -74,7 +74,7 @@ class StepCost:
     decode_seconds: LinearFit = field(default_factory=lambda: LinearFit(features=2))
     prefill_seconds: LinearFit = field(default_factory=LinearFit)  # (tokens) -> seconds
     encode_per_image: float = 0.0
-    finish_seconds: dict[str, float] = field(default_factory=dict)  # task -> its result
+    finish_seconds: dict[str, float] = field(default_factory=dict)  # task -> a sequence's share
     text_tokens: float = EXPECTED_TEXT_TOKENS
     _stalled: float = 0.0  # stalled seconds, each decayed by its age
     _at: float | None = None  # when _stalled was last decayed
@@ -95,11 +95,17 @@ class StepCost:
     def observe_text(self, tokens: int) -> None:
         self.text_tokens = _follow(self.text_tokens, tokens)
 
-    def observe_finish(self, task: str, seconds: float) -> None:
-        """Making a result took `seconds` on the finisher thread, on the cores the engine uses:
-        while both work each runs at about half speed, so the engine lost about half of it."""
-        self.finish_seconds[task] = _follow(self.finish_seconds.get(task, 0.0), seconds)
+    def observe_finish(self, task: str, seconds: float, sequences: int = 1) -> None:
+        """Making the result of `sequences` sequences took `seconds` on the finisher thread, on
+        the cores the engine uses: while both work each runs at about half speed, so the engine
+        lost about half of it. Priced per sequence (a drawing decodes each candidate's image)."""
+        per_sequence = seconds / max(sequences, 1)
+        self.finish_seconds[task] = _follow(self.finish_seconds.get(task, 0.0), per_sequence)
         self.observe_stall(seconds / 2)
+
+    def finish_estimate(self, req: Request) -> float:
+        """Seconds the finisher will take to make `req`'s result."""
+        return self.finish_seconds.get(req.task, 0.0) * len(req.seqs)
 
     def observe_stall(self, seconds: float) -> None:
         """The engine's rows waited `seconds` (prompts and encoding, or the finisher)."""
@@ -272,7 +278,6 @@ class Scheduler:
     def _results_made(self, done: dict[Request, float]) -> dict[Request, float]:
         """When each result is made, given when its rows are done: one finisher, which makes
         the most urgent ready result first, and owes the ones handed to it already."""
-        seconds = self.cost.finish_seconds
         ready = [(0.0, r) for r in self.finishing] + sorted(
             ((t, r) for r, t in done.items()), key=lambda x: x[0]
         )
@@ -283,7 +288,7 @@ class Scheduler:
                 free = max(free, t) if not waiting else free
                 bisect.insort(waiting, r, key=Request.sort_key)
             r = waiting.pop(0)
-            free += seconds.get(r.task, 0.0)
+            free += self.cost.finish_estimate(r)
             made[r] = free
         return made
 

@@ -266,7 +266,9 @@ class Worker:
                 req.future, EngineFailure(f"the backend failed while running this request: {error}")
             )
 
-    def _fail_expired(self, req: Request, now: float) -> None:
+    def _fail_expired(self, req: Request, now: float, making: float = 0.0) -> None:
+        """Fail `req` for its deadline: passed at `now`, or passed by the time its result, which
+        takes about `making` seconds to make, would be made."""
         if req.future.cancelled():
             self.metrics.count("cancelled", "caller")
             return
@@ -274,10 +276,12 @@ class Worker:
             return
         self.metrics.count("cancelled", "deadline")
         late = now - req.deadline
-        _set_exception(
-            req.future,
-            DeadlineExceeded(f"this {req.task} request ran {late:.2f} s past its deadline"),
-        )
+        if late >= 0:
+            why = f"this {req.task} request ran {late:.2f} s past its deadline"
+        else:
+            why = (f"this {req.task} request's result could not be made before its deadline: "
+                   f"{-late:.2f} s were left, making it takes about {making:.2f} s")  # fmt: skip
+        _set_exception(req.future, DeadlineExceeded(why))
 
     def _finish_loop(self) -> None:
         while (item := self._results.get()) is not _LAST:
@@ -288,13 +292,17 @@ class Worker:
 
     def _finish(self, req: Request) -> None:
         """On the finisher thread: sequences -> the caller's result, unless its deadline passed
-        while it waited (making it would only delay the results still on time). Callbacks on
-        the future (e.g. submitting the scoring half of a best-of-N) run before this returns."""
+        while it waited or making it (as long as such results take) would end past it: a late
+        result only delays the results still on time. Callbacks on the future (e.g. submitting
+        the scoring half of a best-of-N) run before this returns."""
         start = time.monotonic()
         try:
-            if req.deadline is not None and start > req.deadline:
-                self._fail_expired(req, start)
-                return
+            if req.deadline is not None:
+                with self._cv:
+                    making = self.scheduler.cost.finish_estimate(req)
+                if start + making > req.deadline:
+                    self._fail_expired(req, start, making)
+                    return
             if not req.future.set_running_or_notify_cancel():
                 return
             try:
@@ -306,7 +314,7 @@ class Worker:
             now = time.monotonic()
             self.metrics.observe("request_seconds", now - req.arrival, req.task)
             with self._cv:
-                self.scheduler.cost.observe_finish(req.task, now - start)
+                self.scheduler.cost.observe_finish(req.task, now - start, len(req.seqs))
         finally:
             with self._cv:
                 self.scheduler.finished(req)

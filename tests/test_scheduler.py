@@ -291,6 +291,27 @@ def test_a_request_past_its_deadline_is_cancelled_and_frees_its_slots(tiny_model
     assert len(m.generate_faces(TEXT, n=1, seed=0, candidates=1)) == 1
 
 
+def test_a_result_that_would_be_made_too_late_fails_instead_of_being_made(tiny_model_dir):
+    """The finisher does not start a result that, as long as such results take, would end past
+    its deadline: making it would only delay the results still on time."""
+    m = _load(tiny_model_dir)
+    m.generate_faces(TEXT, n=1, seed=0, candidates=1)  # the cost model learns this machine
+    decoded = []
+    decode = m.backend.decode_images
+    m.backend.decode_images = lambda codes: decoded.append(len(codes)) or decode(codes)
+
+    def slow_finisher(k):  # after admission: drawing a face now seems to take 100 s
+        m.scheduler.cost.finish_seconds["generate"] = 100.0
+
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="could not be made before its deadline"):
+        m.generate_faces(TEXT, n=1, seed=0, candidates=1, deadline_s=60, on_step=slow_finisher)
+    assert time.monotonic() - start < 30 and decoded == []  # failed at once, nothing drawn
+    assert m.metrics.snapshot()["counters"]["cancelled"]["deadline"] == 1
+    assert _pool_free(m)
+    assert len(m.generate_faces(TEXT, n=1, seed=0, candidates=1)) == 1 and decoded == [1]
+
+
 def test_a_cancelled_future_frees_its_slots_within_a_step(tiny_model_dir):
     m = _load(tiny_model_dir)
     started = threading.Event()

@@ -114,7 +114,7 @@ def test_a_signature_that_is_not_the_plugins_is_refused():
 
 def test_launch_geometry_and_scalars():
     entry = tp.select_ptx("attention", (8, 7), MANIFEST)
-    assert entry["grid"] == "(B, H)" and entry["block"] == [128, 1, 1]  # what the launch mirrors
+    assert entry["grid"] == "(B, H)" and entry["block"] == [256, 1, 1]  # 8 warps, as launched
     grid, extra = tp.attention_launch((3, 12, 64), (16, 12, 334, 64), 64, entry)
     assert grid == (3, 12, 1)
     assert extra[:4] == (16, 12, 334, 64)
@@ -197,7 +197,7 @@ def test_registration_against_a_stand_in_plugin_api(monkeypatch):
     name, ptx, launch, extra = attention["aot"](*inputs, 64, outputs=(), tactic=0)
     assert name == "_decode_attention_kernel" and ".target sm_87" in ptx
     assert (launch.grid_x, launch.grid_y, launch.grid_z) == (3, 12, 1)
-    assert (launch.block_x, launch.shared_mem) == (128, 512)
+    assert (launch.block_x, launch.shared_mem) == (256, 1024)
     assert [v for _, v in extra][:4] == [16, 12, 334, 64]
 
     sample = registry["facert::sample"]
