@@ -40,7 +40,7 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _matrix_params(model) -> int:
+def matrix_params(model) -> int:
     c = model.config.lm
     return c.n_layer * (4 * c.n_embd**2 + 2 * c.n_embd * c.n_ffn)
 
@@ -69,7 +69,7 @@ def run(
                 times.append(time.perf_counter() - start)
             best = min(times)
             peak = max(peak, matmul_peak())  # before and after: the better of the two
-        rate = 2 * _matrix_params(m) * len(ids) / best
+        rate = 2 * matrix_params(m) * len(ids) / best
         rows.append({"contestant": f.name, "lm_path": backend.lm_path, "tokens": len(ids),
                      "ms": best * 1e3, "gflop_s": rate / 1e9, "peak_gflop_s": peak / 1e9,
                      "of_peak": rate / peak})  # fmt: skip

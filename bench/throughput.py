@@ -10,17 +10,20 @@ batch-1 rate at every batch size (modelled from its per-step cost, as in `tasks`
 from __future__ import annotations
 
 import statistics
+import time
 
 import numpy as np
 from tqdm import tqdm
 
 from .contestants import Facert, FullHead, prompt_length, ready_competitors
-from .decode import backend_bandwidth, model_step_bytes
+from .decode import WARM_STEPS, backend_bandwidth, model_step_bytes
 from .models import BenchModel
+from .prefill import matmul_peak, matrix_params
 from .reference import Reference
 from .report import machine_line, table, target, target_lines
 
 TRANSFORMERS = "transformers GPT-2 (KV cache, torch fp32)"
+STEPS = 15  # timed steps per (batch, position) in the step breakdown
 
 
 def run(
@@ -53,6 +56,10 @@ def run(
                     "step_ms": statistics.median(r.step_times) * 1e3, "ttft_ms": r.ttft * 1e3,
                 })  # fmt: skip
                 bar.update()
+        bar.set_postfix_str("steps alone, matrix peak")
+        first, n = prompt_length(model.path), facerts[0].model.config.vqgan.num_codes_per_image
+        steps = [row for f in facerts for row in step_breakdown(f, batches, first, n)]
+        peak = matmul_peak()
         bar.set_postfix_str("reference (modelled), bandwidth")
         ref = Reference(model.path)
         prompt, n = prompt_length(model.path), ref.config.vqgan.num_codes_per_image
@@ -72,8 +79,44 @@ def run(
     return {
         "model": model.name, "path": str(model.path), "batches": list(batches),
         "prompt_len": prompt, "new_tokens": n,
-        "rows": rows, "ceilings": ceilings, "skipped": skipped,
+        "rows": rows, "ceilings": ceilings, "skipped": skipped, "steps": steps,
+        "matrix_params": matrix_params(facerts[0].model) if facerts else 0,
+        "matmul_peak_gflop_s": peak / 1e9,
     }  # fmt: skip
+
+
+def step_breakdown(f: Facert, batches: list[int], prompt: int, new_tokens: int) -> list[dict]:
+    """The backend's decode step and image head alone (no engine, no sampling) at each batch,
+    at the first and the last position a drawing decodes: the products cost every position the
+    same, attention grows with the position, so two positions split a step between them."""
+    backend, window = f.model.backend, f.model.templates.image_window
+    rows = []
+    for batch in batches:
+        for position in (prompt, prompt + new_tokens - 1):
+            slots = np.arange(batch)
+            tokens, positions = np.full(batch, window[0]), np.full(batch, position)
+            times = []
+            for _ in range(WARM_STEPS + STEPS):
+                start = time.perf_counter()
+                backend.head(backend.decode(slots, tokens, positions), window)
+                times.append(time.perf_counter() - start)
+            rows.append({"contestant": f.name, "batch": batch, "position": position,
+                         "step_ms": statistics.median(times[WARM_STEPS:]) * 1e3})  # fmt: skip
+    return rows
+
+
+def split_step(m: dict, name: str, batch: int) -> dict | None:
+    """A config's step at `batch` split in two (linear in the position): the products' ms
+    (position 0) and attention's ms at the drawing's middle position."""
+    at = {r["position"]: r["step_ms"] for r in m.get("steps", [])
+          if r["contestant"] == name and r["batch"] == batch}  # fmt: skip
+    if len(at) != 2:
+        return None
+    (p0, t0), (p1, t1) = sorted(at.items())
+    per_position = max(t1 - t0, 0.0) / (p1 - p0)
+    middle = (p0 + p1) / 2
+    return {"products_ms": t0 - per_position * p0, "attention_ms": per_position * middle,
+            "step_ms": t0 + per_position * (middle - p0)}  # fmt: skip
 
 
 def _rate(m: dict, name: str, batch: int) -> float | None:
@@ -118,10 +161,51 @@ def markdown(result: dict) -> str:
             f"\n#### model {m['model']} ({m['new_tokens']} codes after {m['prompt_len']} ids)\n",
             table(head, body),
             "",
+            *step_lines(m),
             *target_lines(targets(m)),
             *(f"- skipped {s['contestant']}: {s['reason']}" for s in m["skipped"]),
         ]
     return "\n".join(lines)
+
+
+def step_lines(m: dict) -> list[str]:
+    """The steps-alone table: where a batched step's time goes, and what bounds batch scaling."""
+    if not m.get("steps"):
+        return []
+    positions = sorted({r["position"] for r in m["steps"]})
+    head = ["config", "batch", *(f"step ms at {p}" for p in positions), "products ms",
+            f"attention ms at {sum(positions) / 2:.0f}", "products G(FL)OP/s",
+            "batch / batch 1, steps alone", "modelled best (products at the peak)"]  # fmt: skip
+    body = []
+    for name in dict.fromkeys(r["contestant"] for r in m["steps"]):
+        one = split_step(m, name, 1)
+        for batch in m["batches"]:
+            split = split_step(m, name, batch)
+            if split is None or one is None:
+                continue
+            mine = {r["position"]: r["step_ms"] for r in m["steps"]
+                    if r["contestant"] == name and r["batch"] == batch}  # fmt: skip
+            at = [mine[p] for p in positions]
+            rate = 2 * m["matrix_params"] * batch / (split["products_ms"] / 1e3) / 1e9
+            best = None
+            if batch > 1 and name.endswith("fp32"):  # the peak is a float32 product's
+                at_peak = 2 * m["matrix_params"] * batch / m["matmul_peak_gflop_s"] / 1e6  # ms
+                best = batch * one["step_ms"] / (at_peak + split["attention_ms"])
+            body.append([name, batch, *at, split["products_ms"], split["attention_ms"], rate,
+                         batch * one["step_ms"] / split["step_ms"], best])  # fmt: skip
+    return [
+        "",
+        "Steps alone: the backend's decode step and image head, no engine or sampling, at the "
+        "first and last position a drawing decodes; split linearly in the position into the "
+        "products (every position alike) and attention (growing with the position), taken at "
+        "the middle position. Modelled best: batch x the batch-1 step over the products at the "
+        f"machine's float32 matrix peak ({m['matmul_peak_gflop_s']:.0f} GFLOP/s, a 2048³ numpy "
+        "product in this run) plus attention as measured: no tiling can beat it (fp32 batches "
+        "only; a batch-1 step is bound by reading the weights, not by the products).",
+        "",
+        table(head, body),
+        "",
+    ]
 
 
 def plot(result: dict, fig) -> None:
