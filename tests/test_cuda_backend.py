@@ -30,7 +30,13 @@ import torch
 import facert.runtime.model as model_module
 from facert import BUNDLED_MODEL, FaceModel, FacertError, InvalidArgument
 from facert.runtime.backends import create_backend
-from facert.runtime.backends.cuda_backend import CudaBackend, buckets_for, torch_decode_attention
+from facert.runtime.backends.cuda_backend import (
+    CudaBackend,
+    buckets_for,
+    torch_add_layer_norm,
+    torch_decode_attention,
+    torch_gelu,
+)
 from facert.runtime.config import LM_FILE, VQGAN_FILE, ModelFiles, load_config, read_model
 from facert.runtime.sequence import GREEDY, SamplingParams
 
@@ -183,6 +189,28 @@ def test_torch_decode_attention_is_the_reference_attention():
         probs = torch.softmax(keys @ q[b, :, :, None] / D**0.5, dim=1)  # (H, P, 1)
         want = (probs * v_cache[slots[b], :, : positions[b] + 1]).sum(1)
         torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_block_ops_keep_the_triton_kernels_contract():
+    """torch_add_layer_norm and torch_gelu (the fallback) against the kernels' numpy references."""
+    from facert.kernels.triton import reference as ref  # numpy only: no triton needed
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(3, 5, 7)) * 3 + 1).astype(np.float32)
+    w, b = (rng.normal(size=7).astype(np.float32) for _ in range(2))
+    delta = rng.normal(size=x.shape).astype(np.float16)
+    want_x, want = ref.add_layer_norm(x, w, b, 1e-6, delta)
+    xt = torch.from_numpy(x.copy())
+    got = torch_add_layer_norm(xt, torch.from_numpy(w), torch.from_numpy(b), 1e-6,
+                               delta=torch.from_numpy(delta), out_dtype=torch.float16)  # fmt: skip
+    assert got.dtype == torch.float16
+    np.testing.assert_allclose(got.float().numpy(), want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(xt.numpy(), want_x, rtol=1e-6, atol=1e-6)  # x += delta in place
+    y = torch.from_numpy(rng.normal(size=50).astype(np.float32) * 4).to(torch.bfloat16)
+    out = torch.full_like(y, float("nan"))
+    assert torch_gelu(y, out=out) is out
+    np.testing.assert_allclose(out.float().numpy(), ref.gelu(y.float().numpy()), rtol=8e-3,
+                               atol=8e-3)  # fmt: skip
 
 
 def test_backend_options_and_why_it_chose_its_kernels(monkeypatch):

@@ -15,7 +15,7 @@ hundred; a batch is padded to its bucket with rows that write only the scratch s
 A small model's step on a big GPU is bound by the kernels it runs, not by its bytes, so the block
 runs facert.kernels.triton's fused kernels when they import and work here: decode attention, the
 residual add with the next LayerNorm, and GELU (about 11 kernels a layer instead of 35); else
-the same math in torch ops (`torch_decode_attention`, `_torch_add_norm`, `_torch_gelu`).
+the same math in torch ops (`torch_decode_attention`, `torch_add_layer_norm`, `torch_gelu`).
 `self.kernels` says which, and `self.kernels_note` why. Sampling stays on the host like every
 backend (`head` returns logits; the engine samples); `sample` is the device-side path for later,
 checked by doctor.
@@ -69,6 +69,31 @@ def torch_decode_attention(
     hidden = (j[None, :] > positions[:, None]).float() * MASK_VALUE  # (B, M)
     probs = torch.softmax(scores + hidden[:, None, :], dim=-1)  # (B, H, M)
     return torch.matmul(probs[:, :, None], v)[:, :, 0].to(q.dtype)  # (B, H, D)
+
+
+def torch_add_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    *,
+    delta: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The Triton kernel's contract (facert.kernels.triton.add_layer_norm) in torch ops: x (..., C)
+    fp32 += delta in place, then TencentPretrain's LayerNorm of x (unbiased std, eps on the std)
+    in out_dtype (default fp32)."""
+    if delta is not None:
+        x += delta  # fp32 += low precision: promoted, as x + delta.float()
+    mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+    return (weight * (x - mean) / (std + eps) + bias).to(out_dtype or torch.float32)
+
+
+def torch_gelu(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel's contract (facert.kernels.triton.gelu) in torch ops: gelu_fast in fp32,
+    in x's dtype (into `out` when given)."""
+    y = gelu_fast(x.float()).to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def _triton_block() -> tuple[tuple[KernelFn, KernelFn, KernelFn] | None, str]:
@@ -166,15 +191,15 @@ class CudaBackend:
         if fns is None and kernels == "triton":
             raise FacertError(f"kernels='triton' is not available: {note}")
         if fns is not None:
-            self._attend, self._triton_add_norm, self._triton_gelu = fns
-            self._add_norm, self._gelu = self._fused_add_norm, self._fused_gelu
+            self._attend, self._add_layer_norm, self._gelu = fns
             self.kernels, self.kernels_note = "triton", note
         else:
             self.kernels_note = note
 
     def _use_torch_kernels(self, why: str) -> None:
         self._attend: KernelFn = torch_decode_attention
-        self._add_norm, self._gelu = self._torch_add_norm, self._torch_gelu
+        self._add_layer_norm: KernelFn = torch_add_layer_norm
+        self._gelu: KernelFn = torch_gelu
         self.kernels, self.kernels_note = "torch", why
 
     def _load(self, files: ModelFiles) -> None:
@@ -239,40 +264,6 @@ class CudaBackend:
 
     # ---- the transformer, shared by forward_logits, prefill and decode -------------------------
 
-    # The block's element-wise ops, each in two forms with one contract: x (..., C) is the fp32
-    # residual stream; _add_norm adds delta to it in place, then returns TencentPretrain's
-    # LayerNorm (unbiased std, eps on the std) of it in `dtype`; _gelu is gelu_fast in fp32 on a
-    # linear's output, in that output's dtype.
-
-    def _torch_add_norm(
-        self,
-        x: torch.Tensor,
-        delta: torch.Tensor | None,
-        params: tuple[torch.Tensor, torch.Tensor],
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        if delta is not None:
-            x += delta  # fp32 += low precision: promoted, as x + delta.float()
-        mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
-        y = params[0] * (x - mean) / (std + self.config.lm.layernorm_eps) + params[1]
-        return y.to(dtype)
-
-    def _fused_add_norm(
-        self,
-        x: torch.Tensor,
-        delta: torch.Tensor | None,
-        params: tuple[torch.Tensor, torch.Tensor],
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        eps = self.config.lm.layernorm_eps
-        return self._triton_add_norm(x, *params, eps, delta=delta, out_dtype=dtype)
-
-    def _torch_gelu(self, y: torch.Tensor) -> torch.Tensor:
-        return gelu_fast(y.float()).to(y.dtype)
-
-    def _fused_gelu(self, y: torch.Tensor) -> torch.Tensor:
-        return self._triton_gelu(y, out=y)
-
     def _embed(
         self, ids: torch.Tensor, segs: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
@@ -284,14 +275,20 @@ class CudaBackend:
         """Every block over the embedded rows x (..., C) fp32 (updated in place), then ln_f ->
         (..., C) fp32. attend(layer, qkv (..., 3C)) -> the attention output (..., C). Each
         residual add is fused with the LayerNorm after it (the next block's ln_1, or ln_f)."""
+        eps = self.config.lm.layernorm_eps
+
+        def add_norm(delta, params, dtype=self.dtype):  # x += delta; LayerNorm(x) in dtype
+            return self._add_layer_norm(x, *params, eps, delta=delta, out_dtype=dtype)
+
         norms = [layer.ln_1 for layer in self.layers[1:]] + [self.ln_f]
-        a = self._add_norm(x, None, self.layers[0].ln_1, self.dtype)
+        a = add_norm(None, self.layers[0].ln_1)
         for i, (layer, next_norm) in enumerate(zip(self.layers, norms)):
             y = attend(i, F.linear(a, *layer.qkv))
-            a = self._add_norm(x, F.linear(y, *layer.proj), layer.ln_2, self.dtype)
-            mid = self._gelu(F.linear(a, *layer.fc))
+            a = add_norm(F.linear(y, *layer.proj), layer.ln_2)
+            mid = F.linear(a, *layer.fc)
+            mid = self._gelu(mid, out=mid)
             out_dtype = torch.float32 if next_norm is self.ln_f else self.dtype
-            a = self._add_norm(x, F.linear(mid, *layer.fc_out), next_norm, out_dtype)
+            a = add_norm(F.linear(mid, *layer.fc_out), next_norm, out_dtype)
         return a
 
     def _hidden(
