@@ -57,6 +57,11 @@ class LinearFit:
         return max(0.0, float(theta @ np.array([1.0, *x])))
 
 
+# the share of the finisher's time that the engine loses while both run (two threads of work
+# on the same cores: each at about half speed)
+FINISHER_CONTENTION = 0.5
+
+
 @dataclass
 class StepCost:
     """Seconds the engine's work takes, learnt online: a decode step by its rows, a prefill
@@ -97,11 +102,11 @@ class StepCost:
 
     def observe_finish(self, task: str, seconds: float, sequences: int = 1) -> None:
         """Making the result of `sequences` sequences took `seconds` on the finisher thread, on
-        the cores the engine uses: while both work each runs at about half speed, so the engine
-        lost about half of it. Priced per sequence (a drawing decodes each candidate's image)."""
+        the cores the engine uses: the engine lost FINISHER_CONTENTION of it. Priced per
+        sequence (a drawing decodes each candidate's image)."""
         per_sequence = seconds / max(sequences, 1)
         self.finish_seconds[task] = _follow(self.finish_seconds.get(task, 0.0), per_sequence)
-        self.observe_stall(seconds / 2)
+        self.observe_stall(seconds * FINISHER_CONTENTION)
 
     def finish_estimate(self, req: Request) -> float:
         """Seconds the finisher will take to make `req`'s result."""
@@ -231,8 +236,10 @@ class Scheduler:
         forward with the cost model: rows start in admission order as slots free up (each
         request's prompts and encoding stall every running row when it starts), every decode
         step is priced at the rows running then, and making the result follows its last row.
-        Decode steps are stretched by the share of time that prompts took lately
-        (`stall_share`): requests yet to arrive will stall them again."""
+        The finisher shares the cores: while it makes a result (those it owes now, and each one
+        whose rows are done) the engine runs at about half speed, so the steps after it lose
+        half that time. Decode steps are stretched by the share of time that prompts took
+        lately (`stall_share`): requests yet to arrive will stall them again."""
         cost = self.cost
         order = sorted(reqs, key=Request.sort_key)
         running = [[cost.expected_steps(s), s.writes_text, r]
@@ -241,7 +248,8 @@ class Scheduler:
         rows_left = {r: sum(1 for s in r.seqs if not s.done) for r in order}
         free = self.pool.num_slots - len(running)
         stretch = 1.0 / (1.0 - min(cost.stall_share, 0.9))
-        clock, done = 0.0, {}
+        clock = FINISHER_CONTENTION * sum(cost.finish_estimate(r) for r in self.finishing)
+        done = {}
         for r in order:
             if not rows_left[r]:
                 done[r] = 0.0
@@ -272,6 +280,7 @@ class Scheduler:
                 rows_left[r] -= 1
                 if not rows_left[r]:
                     done[r] = clock
+                    clock += FINISHER_CONTENTION * cost.finish_estimate(r)
         finish = self._results_made(done)
         return {r: finish.get(r, math.inf) for r in reqs}
 

@@ -235,6 +235,21 @@ def test_results_are_made_most_urgent_first_after_the_finishers_backlog():
     assert s.predict([question])[question] == pytest.approx(1.0 + 0.1)
 
 
+def test_the_finisher_slows_the_steps_that_run_beside_it():
+    s = _priced_scheduler()
+    s.cost.finish_seconds.update(generate=1.0)
+    short, long = _drawing(2), _drawing(10)
+    s.admit(short, now=0.0)
+    s.admit(long, now=0.0)
+    got = s.predict(s.requests())
+    # prompts 0.2 s, two steps of two rows 0.4 s: the short one's rows are done at 0.6 s; its
+    # face (1 s on the finisher) costs the engine 0.5 s; then 8 steps of one row
+    assert got[short] == pytest.approx(0.6 + 1.0)
+    assert got[long] == pytest.approx(0.6 + 0.5 + 0.8 + 1.0)
+    s.finishing.append(_drawing(1))  # a face still being drawn delays every step to come
+    assert s.predict([long])[long] == pytest.approx(0.5 + 0.1 + 10 * 0.1 + 1.0)
+
+
 def test_stall_share_is_the_recent_share_of_wall_time():
     now = [0.0]
     cost = StepCost(stall_window=20.0, clock=lambda: now[0])
