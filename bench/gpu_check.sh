@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check in one run: GPU-marked tests, `facert doctor`, `facert bench decode` and
-# `facert bench throughput` on the base shape, with every log, JSON, nvidia-smi's output and the
-# package versions written into one folder.
+# The GPU check in one run: GPU-marked tests, the Triton kernels' tests compiled for the GPU,
+# `facert doctor`, `facert bench decode` and `facert bench throughput` on the base shape, with
+# every log, JSON, nvidia-smi's output and the package versions written into one folder.
 #
 #   bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu-check)
 #
@@ -104,6 +104,9 @@ if [[ $GPU == yes ]]; then
   # this file alone: tests/test_triton_kernels.py turns the Triton interpreter on when imported
   step gpu-tests 150 "$PY" -m pytest -q -m gpu -rA -p no:cacheprovider \
     tests/test_cuda_backend.py --junitxml="$OUT_DIR/gpu-tests.xml"
+  # every Triton kernel's tests (numpy references, edge cases), compiled here instead of interpreted
+  step triton-kernels 150 env FACERT_TRITON_TESTS=cuda "$PY" -m pytest -q -rA -p no:cacheprovider \
+    tests/test_triton_kernels.py --junitxml="$OUT_DIR/triton-kernels.xml"
   step doctor 150 "$PY" -m facert.cli doctor --json "$OUT_DIR/doctor.json"
   step bench-decode 120 "$PY" -m facert.cli bench decode --model base \
     --configs cuda:fp16,cuda:fp32 --steps 20 -o "$OUT_DIR"
@@ -120,7 +123,7 @@ from facert.runtime.onnx_engines import cache_root as c; print(m(c() / 'base-ran
     note "doctor-base: SKIPPED (the base-shape model could not be made)"
   fi
 else
-  note "gpu-tests, bench-decode, bench-throughput, doctor-base: SKIPPED, no GPU: $GPU"
+  note "gpu-tests, triton-kernels, bench-decode, bench-throughput, doctor-base: SKIPPED, no GPU: $GPU"
   step doctor 150 "$PY" -m facert.cli doctor --json "$OUT_DIR/doctor.json"
 fi
 

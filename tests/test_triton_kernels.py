@@ -33,26 +33,55 @@ def triton_compiles_for_a_gpu() -> bool:
     return type(triton.language.standard.sum).__name__ != "InterpretedFunction"
 
 
+# FACERT_TRITON_TESTS=cuda (bench/gpu_check.sh sets it) runs the same tests compiled on the GPU
+ON_GPU = os.environ.get("FACERT_TRITON_TESTS") == "cuda"
+LAUNCHERS = ("decode_attention", "add_layer_norm", "gelu", "sample", "nearest_codes",
+             "crop_resize")  # fmt: skip
+
+
+def on_cuda(launcher, copy=lambda a: a.cuda()):
+    """`launcher` on CUDA copies of its tensor arguments: every tensor argument gets the copy's
+    contents back (the caches and `out` are written in place), and the result comes back on the
+    CPU (the caller's own `out` when the launcher returned it). `copy`: how a copy is made."""
+
+    def call(*args, **kwargs):
+        pairs: dict[int, tuple] = {}  # one copy per tensor: `out` may be an input itself
+
+        def move(a):
+            if not isinstance(a, torch.Tensor):
+                return a
+            return pairs.setdefault(id(a), (a, copy(a)))[1]
+
+        result = launcher(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+        for host, device in pairs.values():
+            host.copy_(device.cpu())
+            if result is device:
+                result = host
+        return result if result.device.type == "cpu" else result.cpu()
+
+    return call
+
+
 @pytest.fixture(scope="module")
 def tk():
-    """The launchers, run by the interpreter on CPU tensors. triton is imported here, with
-    TRITON_INTERPRET=1 set only while this module's tests run (other modules' tests see the
-    variable as it was). If triton was imported already for a GPU, test_in_a_fresh_process runs
-    this file in a new process instead."""
+    """The launchers, run by the interpreter on CPU tensors (or compiled for the GPU under
+    FACERT_TRITON_TESTS=cuda). triton is imported here, with TRITON_INTERPRET=1 set only while
+    this module's tests run (other modules' tests see the variable as it was). If triton was
+    imported already for a GPU, test_in_a_fresh_process runs this file in a new process instead."""
+    if ON_GPU:
+        if not torch.cuda.is_available():
+            pytest.skip("FACERT_TRITON_TESTS=cuda, but no CUDA GPU")
+        from facert.kernels import triton as kt
+
+        yield types.SimpleNamespace(**{n: on_cuda(getattr(kt, n)) for n in LAUNCHERS})
+        return
     if triton_compiles_for_a_gpu():
         pytest.skip("triton was imported for a GPU: test_in_a_fresh_process runs these")
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     from facert.kernels import triton as kt
 
-    yield types.SimpleNamespace(
-        decode_attention=kt.decode_attention,
-        add_layer_norm=kt.add_layer_norm,
-        gelu=kt.gelu,
-        sample=kt.sample,
-        nearest_codes=kt.nearest_codes,
-        crop_resize=kt.crop_resize,
-    )
+    yield types.SimpleNamespace(**{n: getattr(kt, n) for n in LAUNCHERS})
     if old is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
@@ -60,7 +89,7 @@ def tk():
 
 
 def test_in_a_fresh_process():
-    if not triton_compiles_for_a_gpu():
+    if ON_GPU or not triton_compiles_for_a_gpu():
         return  # the tests below run in this process
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
@@ -287,6 +316,28 @@ def test_sample_frequencies_follow_filtered_softmax(tk):
     dof = kept.size - 1
     assert dof == 4
     assert chi2 < 18.47, (chi2, counts[kept], expected)  # p = 0.001 at 4 degrees of freedom
+
+
+def test_the_gpu_runs_wrapper_writes_back_what_the_launcher_wrote(tk):
+    """on_cuda (for FACERT_TRITON_TESTS=cuda) with copies on the CPU: in-place caches, `out`
+    and an `out` that is the input itself come back to the caller's tensors."""
+    if ON_GPU:
+        pytest.skip("the wrapper is in use: this checks it without a GPU")
+    rng = np.random.default_rng(30)
+    q, k_new, v_new = (t(rng.normal(size=(2, 2, 4)).astype(np.float32)) for _ in range(3))
+    caches = [t(rng.normal(size=(3, 2, 9, 4)).astype(np.float32)) for _ in range(2)]
+    caches += [c.clone() for c in caches]  # the same caches, for the wrapped call
+    slots, positions = t(np.array([2, 0])), t(np.array([8, 3]))
+    want = tk.decode_attention(q, caches[0], caches[1], k_new, v_new, slots, positions)
+    attend = on_cuda(tk.decode_attention, copy=torch.clone)
+    out = torch.full_like(q, float("nan"))
+    got = attend(q, caches[2], caches[3], k_new, v_new, slots, positions, out=out)
+    assert got is out and torch.equal(got, want)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    x = t(rng.normal(size=10).astype(np.float32))
+    y = x.clone()
+    assert on_cuda(tk.gelu, copy=torch.clone)(y, out=y) is y
+    assert torch.equal(y, tk.gelu(x))
 
 
 # ---- the block's residual add + LayerNorm, and GELU ----
