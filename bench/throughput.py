@@ -57,12 +57,11 @@ def run(
                 })  # fmt: skip
                 bar.update()
         bar.set_postfix_str("steps alone, matrix peak")
-        first, n = prompt_length(model.path), facerts[0].model.config.vqgan.num_codes_per_image
-        steps = [row for f in facerts for row in step_breakdown(f, batches, first, n)]
+        prompt, n = prompt_length(model.path), facerts[0].model.config.vqgan.num_codes_per_image
+        steps = [row for f in facerts for row in step_breakdown(f, batches, prompt, n)]
         peak = matmul_peak()
         bar.set_postfix_str("reference (modelled), bandwidth")
         ref = Reference(model.path)
-        prompt, n = prompt_length(model.path), ref.config.vqgan.num_codes_per_image
         ref.calibrate(np.linspace(prompt, prompt + n - 1, lengths).round().astype(int).tolist())
         ref_rate = n / float(ref.step_costs(prompt, n).sum())
         rows += [{"contestant": ref.name, "batch": b, "tokens_per_s": ref_rate,
@@ -80,7 +79,7 @@ def run(
         "model": model.name, "path": str(model.path), "batches": list(batches),
         "prompt_len": prompt, "new_tokens": n,
         "rows": rows, "ceilings": ceilings, "skipped": skipped, "steps": steps,
-        "matrix_params": matrix_params(facerts[0].model) if facerts else 0,
+        "matrix_params": matrix_params(facerts[0].model),
         "matmul_peak_gflop_s": peak / 1e9,
     }  # fmt: skip
 
@@ -107,7 +106,8 @@ def step_breakdown(f: Facert, batches: list[int], prompt: int, new_tokens: int) 
 
 def split_step(m: dict, name: str, batch: int) -> dict | None:
     """A config's step at `batch` split in two (linear in the position): the products' ms
-    (position 0) and attention's ms at the drawing's middle position."""
+    (position 0) and attention's ms at the drawing's middle position; `at`: the measured steps
+    by position."""
     at = {r["position"]: r["step_ms"] for r in m.get("steps", [])
           if r["contestant"] == name and r["batch"] == batch}  # fmt: skip
     if len(at) != 2:
@@ -116,7 +116,7 @@ def split_step(m: dict, name: str, batch: int) -> dict | None:
     per_position = max(t1 - t0, 0.0) / (p1 - p0)
     middle = (p0 + p1) / 2
     return {"products_ms": t0 - per_position * p0, "attention_ms": per_position * middle,
-            "step_ms": t0 + per_position * (middle - p0)}  # fmt: skip
+            "step_ms": t0 + per_position * (middle - p0), "at": at}  # fmt: skip
 
 
 def _rate(m: dict, name: str, batch: int) -> float | None:
@@ -183,9 +183,7 @@ def step_lines(m: dict) -> list[str]:
             split = split_step(m, name, batch)
             if split is None or one is None:
                 continue
-            mine = {r["position"]: r["step_ms"] for r in m["steps"]
-                    if r["contestant"] == name and r["batch"] == batch}  # fmt: skip
-            at = [mine[p] for p in positions]
+            at = [split["at"][p] for p in positions]
             rate = 2 * m["matrix_params"] * batch / (split["products_ms"] / 1e3) / 1e9
             best = None
             if batch > 1 and name.endswith("fp32"):  # the peak is a float32 product's

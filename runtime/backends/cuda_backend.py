@@ -285,8 +285,7 @@ class CudaBackend:
         for i, (layer, next_norm) in enumerate(zip(self.layers, norms)):
             y = attend(i, F.linear(a, *layer.qkv))
             a = add_norm(F.linear(y, *layer.proj), layer.ln_2)
-            mid = F.linear(a, *layer.fc)
-            mid = self._gelu(mid, out=mid)
+            mid = self._gelu(F.linear(a, *layer.fc))
             out_dtype = torch.float32 if next_norm is self.ln_f else self.dtype
             a = add_norm(F.linear(mid, *layer.fc_out), next_norm, out_dtype)
         return a
