@@ -60,7 +60,8 @@ def timed_call(model: FaceModel, call: Callable[[], object]) -> Run:
 
     def with_clock(tick: Callable[[int], None]) -> None:
         def observe(event: StepEvent) -> None:
-            tick(event.rows)
+            if event.kind in ("prefill", "decode"):
+                tick(event.rows)
 
         model.engine.observers.append(observe)
         try:

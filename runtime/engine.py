@@ -29,7 +29,7 @@ from .sequence import Sequence
 class StepEvent:
     """What one engine call did, for observers (benchmarks, doctor, metrics)."""
 
-    kind: str  # "prefill" or "decode"
+    kind: str  # "prefill" or "decode" (rows of tokens); "encode" or "draw" (rows of images)
     rows: int
     tokens: int  # prompt tokens computed (prefill; a cached prefix costs none) or produced
     seconds: float
@@ -47,8 +47,8 @@ class Engine:
                                     else prefix_slots)  # fmt: skip
         backend.allocate(num_slots, max_len)
         self._lock = threading.Lock()
-        # Called after every prefill and decode call with a StepEvent; observers must not
-        # raise (an observer's error fails the step's requests).
+        # Called after every prefill, decode and image call with a StepEvent; observers must
+        # not raise (an observer's error fails the step's requests).
         self.observers: list[Callable[[StepEvent], None]] = []
 
     @contextlib.contextmanager
@@ -160,6 +160,21 @@ class Engine:
             for s, t, lp in zip(group, tokens, logp):
                 s.generated.append(int(t))
                 s.logprobs.append(float(lp))
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, H, W) faces -> int64 (N, T) codes. Image calls take no cache, so they
+        run beside steps; they are reported like steps, so whoever ran them prices the next."""
+        start = time.perf_counter()
+        codes = self.backend.encode_images(images)
+        self._report(StepEvent("encode", len(images), 0, time.perf_counter() - start))
+        return codes
+
+    def decode_images(self, codes: np.ndarray) -> np.ndarray:
+        """int64 (N, T) codes -> float32 (N, 3, H, W) faces in [-1, 1] (see encode_images)."""
+        start = time.perf_counter()
+        images = self.backend.decode_images(codes)
+        self._report(StepEvent("draw", len(codes), 0, time.perf_counter() - start))
+        return images
 
     def _report(self, event: StepEvent) -> None:
         for observer in self.observers:

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from .backends import create_backend
-from .backends.base import Backend
 from .config import VOCAB_FILE, ModelConfig, check_views, load_config
 from .engine import Engine
 from .errors import InvalidArgument, LimitExceeded
@@ -64,10 +63,10 @@ def _task(submit: Callable[..., Future]) -> Callable[..., Any]:
 
 
 class ImageTokenizer:
-    """Faces <-> VQGAN codes."""
+    """Faces <-> VQGAN codes, through the engine (which reports the time they take)."""
 
-    def __init__(self, backend: Backend, config: ModelConfig, limits: Limits):
-        self.backend, self.config, self.limits = backend, config, limits
+    def __init__(self, engine: Engine, config: ModelConfig, limits: Limits):
+        self.engine, self.config, self.limits = engine, config, limits
 
     def model_input(self, images: Any) -> np.ndarray:
         """Images in any accepted form -> float32 [N, 3, H, W] encoder input, within limits."""
@@ -79,7 +78,7 @@ class ImageTokenizer:
     def encode(self, images: Any) -> np.ndarray:
         """uint8 [N, H, W, 3] RGB (or paths / PIL images), or float32 [N, 3, H, W] already
         scaled -> int64 [N, T] codes."""
-        return self.backend.encode_images(self.model_input(images))
+        return self.engine.encode_images(self.model_input(images))
 
     def decode(self, codes: Any) -> np.ndarray:
         """int [N, T] codes -> float32 [N, 3, H, W] images in [-1, 1]."""
@@ -90,7 +89,7 @@ class ImageTokenizer:
         check_limit(len(codes), "the number of code rows", self.limits.max_images, "max_images")
         if codes.min() < 0 or codes.max() >= n_embed:
             raise InvalidArgument(f"codes must lie in [0, {n_embed})")
-        return self.backend.decode_images(codes)
+        return self.engine.decode_images(codes)
 
 
 class FaceModel:
@@ -140,7 +139,6 @@ class FaceModel:
             engine_dir=Path(engine_dir) if engine_dir else None, providers=providers,
             threads=threads, decode=decode, progress=progress,
         )  # fmt: skip
-        self.image_tokenizer = ImageTokenizer(self.backend, self.config, self.limits)
         self.templates = Templates(self.config, self.tokenizer)
         kv = kv_bytes_per_slot(self.config.lm, max_len, self.backend.cache_dtype.itemsize)
         # What the model holds: weights, one step's temporaries and the KV pool, which is
@@ -151,6 +149,7 @@ class FaceModel:
         )  # fmt: skip
         _check_cache_fits(self.memory.slots, self.config, max_len)
         self.engine = Engine(self.backend, self.memory.slots, max_len)
+        self.image_tokenizer = ImageTokenizer(self.engine, self.config, self.limits)
         self.metrics = Metrics()
         self.scheduler = Scheduler(
             self.engine.prefixes,
@@ -218,12 +217,14 @@ class FaceModel:
         continuation: bool = False,
         images: np.ndarray | None = None,
         views: list[int] | None = None,
+        draws: int = 0,
     ) -> Future:
         """Submit sequences as one request. `images` (V, 3, H, W), if given, are encoded on
         the engine thread just before the request starts, view `views[i]`'s codes (default:
         view 0's) written into `seqs[i]` (so admission, and a refusal, never wait for the VQGAN
-        encoder)."""
-        req = Request(task, seqs, finish, priority=priority, deadline=deadline, on_token=on_token)
+        encoder). `draws`: the faces making its result decodes (what the finisher will take)."""
+        req = Request(task, seqs, finish, priority=priority, deadline=deadline, on_token=on_token,
+                      draws=draws)  # fmt: skip
         if images is not None:
             views = [0] * len(seqs) if views is None else views
             req.prepare, req.images = self._encoder(images, seqs, views), len(images)
@@ -233,7 +234,7 @@ class FaceModel:
         self, images: np.ndarray, seqs: list[Sequence], views: list[int]
     ) -> Callable[[], None]:
         def prepare() -> None:
-            codes = self.backend.encode_images(images)  # (V, T)
+            codes = self.engine.encode_images(images)  # (V, T)
             for seq, v in zip(seqs, views):
                 self.templates.place_codes(seq, codes[v])
 
@@ -348,7 +349,7 @@ class FaceModel:
         # on_step counts tokens: one per row a step runs
         on_token = None if on_step is None else (lambda _index, _token: on_step(1))
         drawn = self._request("generate", drawings, list, priority, deadline, on_token,
-                              images=face)  # fmt: skip
+                              images=face, draws=n if candidates == 1 else 0)  # fmt: skip
         if candidates == 1:
             return then(drawn, self._faces)
         t = self.templates
@@ -361,7 +362,7 @@ class FaceModel:
                 return [drawings[i * candidates + k] for i, k in enumerate(matches.argmax(1))]
 
             return self._request(
-                "score", scores, best, priority, deadline, on_token, continuation=True
+                "score", scores, best, priority, deadline, on_token, continuation=True, draws=n
             )
 
         return then(then(drawn, score), self._faces)
@@ -529,7 +530,7 @@ class FaceModel:
             return {"attributes": answers(seqs), "reading": reading}
 
         return self._request("analyze", seqs, analysis, priority, deadline, images=x,
-                             views=row_views)  # fmt: skip
+                             views=row_views, draws=1)  # fmt: skip
 
     def _scored(
         self, names: list[str], n_views: int
@@ -593,13 +594,13 @@ class FaceModel:
         reliable: score >= threshold, the model's calibration on held-out faces (facert.json's
         reading_calibration); both None when the model has none. One VQGAN encode and decode."""
         x = self.image_tokenizer.model_input([image])  # (1, 3, H, W)
-        return self._reading(x, self.backend.encode_images(x))
+        return self._reading(x, self.engine.encode_images(x))
 
     def _reading(self, x: np.ndarray, codes: np.ndarray) -> dict[str, Any]:
         """One face (1, 3, H, W) and its codes (1, T) -> its reading (see reading_quality)."""
         from .reading_quality import reading, redrawn_psnr
 
-        redrawn = self.backend.decode_images(codes)
+        redrawn = self.engine.decode_images(codes)
         score = redrawn_psnr(x, self.config.image_scaling, redrawn)[0]
         return reading(score, self.config.reading_calibration)
 

@@ -36,6 +36,7 @@ class Request:
     # (`images` of them) and write their codes into its prompts. Admission never waits for it.
     prepare: Callable[[], None] | None = None
     images: int = 0
+    draws: int = 0  # faces that making its result decodes (the VQGAN drawing them)
     future: Future = field(default_factory=Future)
     arrival: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_ids))

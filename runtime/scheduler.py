@@ -66,11 +66,11 @@ FINISHER_CONTENTION = 0.5
 class StepCost:
     """Seconds the engine's work takes, learnt online: a decode step by its rows, a prefill
     call by the prompt tokens it computes (copying a cached prefix and the text head cost
-    something even when few tokens are new), the encoder per image, making a task's result
-    (the VQGAN drawing a face); how long free text runs; the share of wall time (idle time
-    included) that prompts, encoding and the finisher took in the last `stall_window` seconds
-    (`stall_share`): they stall every running row, and arrivals to come will take as much
-    again."""
+    something even when few tokens are new), the VQGAN per image encoded (before a request
+    starts) and drawn (making a drawing's result); how long free text runs; the share of wall
+    time (idle time included) that prompts, encoding and the finisher took in the last
+    `stall_window` seconds (`stall_share`): they stall every running row, and arrivals to come
+    will take as much again."""
 
     stall_window: float = 10.0  # seconds: the time constant of `stall_share`
     clock: Callable[[], float] = time.monotonic
@@ -79,38 +79,39 @@ class StepCost:
     decode_seconds: LinearFit = field(default_factory=lambda: LinearFit(features=2))
     prefill_seconds: LinearFit = field(default_factory=LinearFit)  # (tokens) -> seconds
     encode_per_image: float = 0.0
-    finish_seconds: dict[str, float] = field(default_factory=dict)  # task -> a sequence's share
+    draw_per_image: float = 0.0
     text_tokens: float = EXPECTED_TEXT_TOKENS
     _stalled: float = 0.0  # stalled seconds, each decayed by its age
     _at: float | None = None  # when _stalled was last decayed
 
     def observe(self, event: StepEvent) -> None:
-        """The engine's step hook: every prefill and decode call, whoever ran it (the
-        scheduler's steps, `Engine.run`), prices the next ones."""
+        """The engine's hook: every prefill, decode and image call, whoever ran it (the
+        scheduler's steps and results, `Engine.run`, a direct `image_tokenizer` call), prices
+        the next ones."""
         if event.kind == "prefill":
             self.prefill_seconds.observe(event.seconds, event.tokens)
-        else:
+        elif event.kind == "decode":
             self.decode_seconds.observe(event.seconds, event.rows - event.text_rows,
                                         event.text_rows)  # fmt: skip
-
-    def observe_prepare(self, images: int, seconds: float) -> None:
-        if images:
-            self.encode_per_image = _follow(self.encode_per_image, seconds / images)
+        elif event.rows:
+            per_image = event.seconds / event.rows
+            if event.kind == "encode":
+                self.encode_per_image = _follow(self.encode_per_image, per_image)
+            else:
+                self.draw_per_image = _follow(self.draw_per_image, per_image)
 
     def observe_text(self, tokens: int) -> None:
         self.text_tokens = _follow(self.text_tokens, tokens)
 
-    def observe_finish(self, task: str, seconds: float, sequences: int = 1) -> None:
-        """Making the result of `sequences` sequences took `seconds` on the finisher thread, on
-        the cores the engine uses: the engine lost FINISHER_CONTENTION of it. Priced per
-        sequence (a drawing decodes each candidate's image)."""
-        per_sequence = seconds / max(sequences, 1)
-        self.finish_seconds[task] = _follow(self.finish_seconds.get(task, 0.0), per_sequence)
+    def observe_finish(self, seconds: float) -> None:
+        """Making a result took `seconds` on the finisher thread, on the cores the engine
+        uses: the engine lost FINISHER_CONTENTION of it."""
         self.observe_stall(seconds * FINISHER_CONTENTION)
 
     def finish_estimate(self, req: Request) -> float:
-        """Seconds the finisher will take to make `req`'s result."""
-        return self.finish_seconds.get(req.task, 0.0) * len(req.seqs)
+        """Seconds the finisher will take to make `req`'s result: the faces it draws (the rest,
+        turning tokens into words or answers, is next to nothing)."""
+        return req.draws * self.draw_per_image
 
     def observe_stall(self, seconds: float) -> None:
         """The engine's rows waited `seconds` (prompts and encoding, or the finisher)."""

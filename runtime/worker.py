@@ -195,11 +195,9 @@ class Worker:
             if req.prepare is None:
                 continue
             try:
-                req.prepare()
+                req.prepare()  # its encoder call prices the next ones (the engine reports it)
             except Exception as e:
                 self._fail_rows(req.seqs, e)
-            else:
-                self.scheduler.cost.observe_prepare(req.images, time.monotonic() - start)
             req.prepare = None
         batch.prefill = [s for s in batch.prefill if s.slot >= 0]
 
@@ -314,7 +312,7 @@ class Worker:
             now = time.monotonic()
             self.metrics.observe("request_seconds", now - req.arrival, req.task)
             with self._cv:
-                self.scheduler.cost.observe_finish(req.task, now - start, len(req.seqs))
+                self.scheduler.cost.observe_finish(now - start)
         finally:
             with self._cv:
                 self.scheduler.finished(req)

@@ -142,14 +142,15 @@ def test_admission_prices_a_request_from_the_steps_it_saw():
     s = Scheduler(PrefixCache(SlotPool(4, 16), 0))
     s.cost.observe(StepEvent("decode", rows=1, tokens=1, seconds=0.1, text_rows=1))
     s.cost.observe(StepEvent("prefill", rows=1, tokens=2, seconds=0.1))
-    s.cost.observe_finish("caption", 0.3)
+    s.cost.observe(StepEvent("draw", rows=2, tokens=0, seconds=0.6))
+    s.cost.observe_finish(0.6)
 
-    def request(deadline):
+    def request(deadline):  # an analysis, whose result redraws the face for its reading
         seq = Sequence(np.array([1, 2]), np.array([1, 1]), (0, 10), max_new_tokens=10)
-        return Request("caption", [seq], list, deadline=deadline)
+        return Request("analyze", [seq], list, deadline=deadline, draws=1)
 
-    # 10 steps of 0.1 s, a 0.1 s prompt and 0.3 s to make the result: 1.4 s, once the
-    # finisher's share of the cores (half its 0.3 s) has faded from the recent past
+    # 10 steps of 0.1 s, a 0.1 s prompt and 0.3 s to draw its one face: 1.4 s, once the
+    # finisher's share of the cores (half its 0.6 s) has faded from the recent past
     assert s.estimate_seconds(request(None)) > 1.4
     s.cost.clock = lambda: time.monotonic() + 1e4
     assert s.estimate_seconds(request(None)) == pytest.approx(1.4)
@@ -169,9 +170,10 @@ def _priced_scheduler(slots: int = 4) -> Scheduler:
     return s
 
 
-def _drawing(steps: int, deadline: float | None = None, priority: int = 1) -> Request:
+def _drawing(steps: int, deadline: float | None = None, priority: int = 1, draws: int = 1
+             ) -> Request:  # fmt: skip
     seq = Sequence(np.array([1, 2]), np.array([1, 1]), (10, 20), max_new_tokens=steps)
-    return Request("generate", [seq], list, priority=priority, deadline=deadline)
+    return Request("generate", [seq], list, priority=priority, deadline=deadline, draws=draws)
 
 
 def test_each_decode_step_is_priced_at_the_rows_running_then():
@@ -222,22 +224,22 @@ def test_nothing_may_slow_an_admitted_request_that_runs_late():
 
 def test_results_are_made_most_urgent_first_after_the_finishers_backlog():
     s = _priced_scheduler()
-    s.cost.finish_seconds.update(generate=1.0, caption=0.1)
-    drawing, question = _drawing(2), _drawing(2, priority=0)
-    question.task = "caption"
+    s.cost.draw_per_image = 0.1
+    drawing, question = _drawing(2, draws=10), _drawing(2, priority=0)
+    question.task = "analyze"  # its reading redraws one face
     s.admit(drawing, now=0.0)
     s.admit(question, now=0.0)
     got = s.predict(s.requests())
     done = 0.2 + 2 * 0.2  # both prompts, then two steps of two rows
-    assert got[question] == pytest.approx(done + 0.1)  # its words before the drawing's pixels
+    assert got[question] == pytest.approx(done + 0.1)  # its answer before the drawing's faces
     assert got[drawing] == pytest.approx(done + 0.1 + 1.0)
-    s.finishing.append(_drawing(1))  # a face the finisher is still drawing
+    s.finishing.append(_drawing(1, draws=10))  # ten faces the finisher is still drawing
     assert s.predict([question])[question] == pytest.approx(1.0 + 0.1)
 
 
 def test_the_finisher_slows_the_steps_that_run_beside_it():
     s = _priced_scheduler()
-    s.cost.finish_seconds.update(generate=1.0)
+    s.cost.draw_per_image = 1.0
     short, long = _drawing(2), _drawing(10)
     s.admit(short, now=0.0)
     s.admit(long, now=0.0)
@@ -306,6 +308,36 @@ def test_a_request_past_its_deadline_is_cancelled_and_frees_its_slots(tiny_model
     assert len(m.generate_faces(TEXT, n=1, seed=0, candidates=1)) == 1
 
 
+def test_image_work_done_anywhere_prices_the_next_requests(tiny_model_dir):
+    """The VQGAN's time is learnt from every encoder and decoder call, not only from requests
+    the scheduler ran: a model that has only drawn through `image_tokenizer` (a FIFO loop, a
+    warm-up) prices its first scheduled drawing and question with them."""
+    m = _load(tiny_model_dir)
+    cost = m.scheduler.cost
+    assert cost.encode_per_image == 0 and cost.draw_per_image == 0
+    size = m.config.vqgan.resolution
+    codes = m.image_tokenizer.encode(np.zeros((2, size, size, 3), np.uint8))
+    assert cost.encode_per_image > 0
+    m.image_tokenizer.decode(codes)
+    assert cost.draw_per_image > 0
+    # a drawing's result decodes each face (best of 1), a best-of-N's scoring half each best
+    # face, an analysis one face for its reading, a caption none
+    drawn = []
+    admit = m.scheduler.admit
+    m.scheduler.admit = lambda req, *args, **kw: drawn.append(req) or admit(req, *args, **kw)
+    faces = []  # faces the VQGAN decoded meanwhile
+    m.engine.observers.append(lambda e: e.kind == "draw" and faces.append(e.rows))
+    m.generate_faces(TEXT, n=2, seed=0, candidates=1)
+    m.generate_faces(TEXT, n=1, seed=0, candidates=2)
+    m.analyze(np.zeros((size, size, 3), np.uint8), list(m.config.attributes)[:1])
+    m.caption(np.zeros((size, size, 3), np.uint8))
+    assert [(r.task, r.draws) for r in drawn] == [
+        ("generate", 2), ("generate", 0), ("score", 1), ("analyze", 1), ("caption", 0)
+    ]  # fmt: skip
+    assert sum(faces) == sum(r.draws for r in drawn)
+    assert cost.finish_estimate(drawn[0]) == 2 * cost.draw_per_image
+
+
 def test_a_result_that_would_be_made_too_late_fails_instead_of_being_made(tiny_model_dir):
     """The finisher does not start a result that, as long as such results take, would end past
     its deadline: making it would only delay the results still on time."""
@@ -316,7 +348,7 @@ def test_a_result_that_would_be_made_too_late_fails_instead_of_being_made(tiny_m
     m.backend.decode_images = lambda codes: decoded.append(len(codes)) or decode(codes)
 
     def slow_finisher(k):  # after admission: drawing a face now seems to take 100 s
-        m.scheduler.cost.finish_seconds["generate"] = 100.0
+        m.scheduler.cost.draw_per_image = 100.0
 
     start = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="could not be made before its deadline"):
