@@ -29,7 +29,9 @@ from .sequence import Sequence
 class StepEvent:
     """What one engine call did, for observers (benchmarks, doctor, metrics)."""
 
-    kind: str  # "prefill" or "decode" (rows of tokens); "encode" or "draw" (rows of images)
+    # "prefill" or "decode" (rows of tokens); "encode" or "draw" (rows of images); "text": a
+    # free-text row ended (at [SEP] or its room's end) with `tokens` tokens, in no time
+    kind: str
     rows: int
     tokens: int  # prompt tokens computed (prefill; a cached prefix costs none) or produced
     seconds: float
@@ -160,6 +162,8 @@ class Engine:
             for s, t, lp in zip(group, tokens, logp):
                 s.generated.append(int(t))
                 s.logprobs.append(float(lp))
+                if s.done and s.forced is None and s.stop_id is not None:
+                    self._report(StepEvent("text", 1, len(s.generated), 0.0))
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) faces -> int64 (N, T) codes. Image calls take no cache, so they

@@ -80,7 +80,7 @@ class StepCost:
     prefill_seconds: LinearFit = field(default_factory=LinearFit)  # (tokens) -> seconds
     encode_per_image: float = 0.0
     draw_per_image: float = 0.0
-    text_tokens: float = EXPECTED_TEXT_TOKENS
+    text_tokens: float = 0.0  # a free-text row's mean length (0: none seen yet)
     _stalled: float = 0.0  # stalled seconds, each decayed by its age
     _at: float | None = None  # when _stalled was last decayed
 
@@ -93,15 +93,14 @@ class StepCost:
         elif event.kind == "decode":
             self.decode_seconds.observe(event.seconds, event.rows - event.text_rows,
                                         event.text_rows)  # fmt: skip
+        elif event.kind == "text":
+            self.text_tokens = _follow(self.text_tokens, event.tokens)
         elif event.rows:
             per_image = event.seconds / event.rows
             if event.kind == "encode":
                 self.encode_per_image = _follow(self.encode_per_image, per_image)
             else:
                 self.draw_per_image = _follow(self.draw_per_image, per_image)
-
-    def observe_text(self, tokens: int) -> None:
-        self.text_tokens = _follow(self.text_tokens, tokens)
 
     def observe_finish(self, seconds: float) -> None:
         """Making a result took `seconds` on the finisher thread, on the cores the engine
@@ -131,7 +130,7 @@ class StepCost:
 
     def expected_steps(self, seq: Sequence) -> int:
         if seq.forced is None and seq.stop_id is not None:
-            expected = math.ceil(self.text_tokens) - len(seq.generated)
+            expected = math.ceil(self.text_tokens or EXPECTED_TEXT_TOKENS) - len(seq.generated)
             return min(seq.tokens_left, max(1, expected))
         return seq.tokens_left
 
@@ -358,8 +357,6 @@ class Scheduler:
             for s in req.seqs[: req.started]:
                 if s.done and s.slot >= 0:
                     self._release(s)
-                    if s.forced is None and s.stop_id is not None:
-                        self.cost.observe_text(len(s.generated))
             if req.done:
                 self.active.remove(req)
                 finished.append(req)

@@ -272,6 +272,14 @@ def test_the_cost_model_prices_work_from_any_engine_call(tiny_model_dir):
     with pytest.raises(DeadlineExceeded, match="needs about"):
         m.generate_faces(TEXT, n=4, seed=0, candidates=4, deadline_s=0.001)
     assert _pool_free(m)
+    # how long free text runs, too: a caption's length, then the running mean of the next
+    codes = m.image_tokenizer.encode(np.zeros((1, 32, 32, 3), np.uint8))[0]
+    captions = [m.templates.to_caption(codes, SamplingParams(seed=i)) for i in range(2)]
+    m.engine.run(captions[:1])
+    assert m.scheduler.cost.text_tokens == len(captions[0].generated)
+    m.engine.run(captions[1:])
+    lengths = [len(c.generated) for c in captions]
+    assert m.scheduler.cost.text_tokens == pytest.approx(0.9 * lengths[0] + 0.1 * lengths[1])
 
 
 def test_analysis_overtakes_a_drawing_that_filled_the_cache(tiny_model_dir):
