@@ -234,8 +234,9 @@ class Scheduler:
     def predict(self, reqs: list[Request]) -> dict[Request, float]:
         """Seconds from now until each request's result is made, by playing the schedule
         forward with the cost model: rows start in admission order as slots free up (each
-        request's prompts and encoding stall every running row when it starts), every decode
-        step is priced at the rows running then, and making the result follows its last row.
+        request's prompts and encoding stall every running row when it starts, as do those the
+        step running now has taken and not yet computed), every decode step is priced at the
+        rows running then, and making the result follows its last row.
         The finisher shares the cores: while it makes a result (those it owes now, and each one
         whose rows are done) the engine runs at about half speed, so the steps after it lose
         half that time. Decode steps are stretched by the share of time that prompts took
@@ -249,6 +250,11 @@ class Scheduler:
         free = self.pool.num_slots - len(running)
         stretch = 1.0 / (1.0 - min(cost.stall_share, 0.9))
         clock = FINISHER_CONTENTION * sum(cost.finish_estimate(r) for r in self.finishing)
+        for r in order:  # prompts (and images) taken by the step running now: not drawn yet
+            taken = [s for s in r.seqs[: r.started] if not s.generated]
+            if taken:
+                clock += cost.prefill_seconds(prompt_tokens(taken))
+                clock += (r.images * cost.encode_per_image) if r.prepare else 0.0
         done = {}
         for r in order:
             if not rows_left[r]:

@@ -222,6 +222,22 @@ def test_nothing_may_slow_an_admitted_request_that_runs_late():
     assert s.queue == [late, behind]
 
 
+def test_prompts_the_running_step_took_are_priced_until_computed():
+    s = _priced_scheduler()
+    s.cost.encode_per_image = 0.5
+    drawing = _drawing(2)
+    drawing.images, drawing.prepare = 1, lambda: None  # an edit: its face is encoded first
+    s.admit(drawing, now=0.0)
+    expected = 0.5 + 0.1 + 2 * 0.1  # encode, the 2-token prompt, two steps of one row
+    assert s.predict([drawing])[drawing] == pytest.approx(expected)
+    assert s.schedule().prefill == drawing.seqs  # the step now running took it
+    assert s.predict([drawing])[drawing] == pytest.approx(expected)
+    drawing.prepare = None  # encoded: the prompt and the steps are left
+    assert s.predict([drawing])[drawing] == pytest.approx(expected - 0.5)
+    drawing.seqs[0].generated.append(5)  # prefilled (its first token): one step is left
+    assert s.predict([drawing])[drawing] == pytest.approx(0.1)
+
+
 def test_results_are_made_most_urgent_first_after_the_finishers_backlog():
     s = _priced_scheduler()
     s.cost.draw_per_image = 0.1
