@@ -22,7 +22,7 @@ from facert.runtime.errors import (
 from facert.runtime.kv_cache import PrefixCache, SlotPool
 from facert.runtime.memory import MAX_SLOTS
 from facert.runtime.request import Request
-from facert.runtime.scheduler import Scheduler, StepCost
+from facert.runtime.scheduler import LinearFit, Scheduler, StepCost
 from facert.runtime.sequence import GREEDY, SamplingParams, Sequence
 
 TEXT = "a smiling woman with glasses"
@@ -266,6 +266,33 @@ def test_the_finisher_slows_the_steps_that_run_beside_it():
     assert got[long] == pytest.approx(0.6 + 0.5 + 0.8 + 1.0)
     s.finishing.append(_drawing(1))  # a face still being drawn delays every step to come
     assert s.predict([long])[long] == pytest.approx(0.5 + 0.1 + 10 * 0.1 + 1.0)
+
+
+def test_step_prices_keep_their_slopes_through_a_spell_of_one_batch_size():
+    """The decode fit's slopes survive hundreds of steps that cannot tell them apart (a lone
+    drawing runs 256 steps of one row), and it follows the machine when all of it slows."""
+    fit = LinearFit(features=2)
+    rng = np.random.default_rng(0)
+
+    def step(img, txt):  # seconds: the weights' read, then each row's head and attention
+        return 0.0035 + 0.0006 * img + 0.0012 * txt
+
+    for _ in range(300):
+        img, txt = rng.integers(0, 9), rng.integers(0, 4)
+        fit.observe(step(img, txt), img, txt)
+    assert fit(8, 0) == pytest.approx(step(8, 0)) and fit(0, 1) == pytest.approx(step(0, 1))
+    for _ in range(600):  # one drawing alone, then another
+        fit.observe(step(1, 0), 1, 0)
+    assert fit(8, 0) == pytest.approx(step(8, 0), rel=0.02)
+    assert fit(3, 2) == pytest.approx(step(3, 2), rel=0.02)
+    for _ in range(300):  # the machine gets 1.5x slower (a neighbour, the finisher)
+        img, txt = rng.integers(0, 9), rng.integers(0, 4)
+        fit.observe(1.5 * step(img, txt), img, txt)
+    assert fit(8, 0) == pytest.approx(1.5 * step(8, 0), rel=0.1)
+    cheaper = LinearFit()  # more rows never cost less, whatever the data says
+    for rows, seconds in ((1, 0.01), (4, 0.008), (8, 0.006)):
+        cheaper.observe(seconds, rows)
+    assert cheaper(16) >= cheaper(1) > 0
 
 
 def test_stall_share_is_the_recent_share_of_wall_time():
