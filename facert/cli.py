@@ -420,6 +420,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise InvalidArgument("--max-body-mb must be positive and --grace at least 0")
     m = _load(args, max_queue=args.max_queue)
     try:
+        print(f"warmed up in {m.warm_up():.1f} s (deadlines are priced from the first call)",
+              file=sys.stderr)  # fmt: skip
         serve(m, args.host, args.port, api_key, args.grace, int(args.max_body_mb * 2**20),
               access_log=not args.no_access_log)  # fmt: skip
     finally:

@@ -81,6 +81,7 @@ class StepCost:
     encode_per_image: float = 0.0
     draw_per_image: float = 0.0
     text_tokens: float = 0.0  # a free-text row's mean length (0: none seen yet)
+    _seen: dict[str, int] = field(default_factory=dict)  # values each running mean has seen
     _stalled: float = 0.0  # stalled seconds, each decayed by its age
     _at: float | None = None  # when _stalled was last decayed
 
@@ -94,13 +95,21 @@ class StepCost:
             self.decode_seconds.observe(event.seconds, event.rows - event.text_rows,
                                         event.text_rows)  # fmt: skip
         elif event.kind == "text":
-            self.text_tokens = _follow(self.text_tokens, event.tokens)
+            self._follow("text_tokens", event.tokens)
         elif event.rows:
             per_image = event.seconds / event.rows
             if event.kind == "encode":
-                self.encode_per_image = _follow(self.encode_per_image, per_image)
+                self._follow("encode_per_image", per_image)
             else:
-                self.draw_per_image = _follow(self.draw_per_image, per_image)
+                self._follow("draw_per_image", per_image)
+
+    def _follow(self, name: str, value: float) -> None:
+        """Running mean `name` takes `value`: the plain mean of its first ten values (a graph's
+        first run is slow: ONNX Runtime allocates), then each new one weighs a tenth, so it
+        follows the machine's current speed."""
+        n = self._seen[name] = self._seen.get(name, 0) + 1
+        weight = max(1 / n, 0.1)
+        setattr(self, name, (1 - weight) * getattr(self, name) + weight * value)
 
     def observe_finish(self, seconds: float) -> None:
         """Making a result took `seconds` on the finisher thread, on the cores the engine
@@ -133,11 +142,6 @@ class StepCost:
             expected = math.ceil(self.text_tokens or EXPECTED_TEXT_TOKENS) - len(seq.generated)
             return min(seq.tokens_left, max(1, expected))
         return seq.tokens_left
-
-
-def _follow(mean: float, value: float) -> float:
-    """A running mean that follows the machine's current speed."""
-    return value if mean == 0 else 0.9 * mean + 0.1 * value
 
 
 def prompt_tokens(seqs: list[Sequence]) -> int:

@@ -295,6 +295,21 @@ def test_step_prices_keep_their_slopes_through_a_spell_of_one_batch_size():
     assert cheaper(16) >= cheaper(1) > 0
 
 
+def test_a_vqgan_price_is_the_mean_of_its_first_ten_calls_then_follows_the_machine():
+    cost = StepCost()
+
+    def encode(per_image: float) -> None:  # a call that encodes two faces
+        cost.observe(StepEvent("encode", rows=2, tokens=0, seconds=2 * per_image))
+
+    encode(2.0)  # the first run is slow: ONNX Runtime allocates
+    for _ in range(9):
+        encode(1.0)
+    assert cost.encode_per_image == pytest.approx(1.1)
+    encode(0.1)
+    assert cost.encode_per_image == pytest.approx(0.9 * 1.1 + 0.1 * 0.1)
+    assert cost.draw_per_image == 0  # each price learns from its own calls
+
+
 def test_stall_share_is_the_recent_share_of_wall_time():
     now = [0.0]
     cost = StepCost(stall_window=20.0, clock=lambda: now[0])
@@ -315,14 +330,26 @@ def test_the_cost_model_prices_work_from_any_engine_call(tiny_model_dir):
     with pytest.raises(DeadlineExceeded, match="needs about"):
         m.generate_faces(TEXT, n=4, seed=0, candidates=4, deadline_s=0.001)
     assert _pool_free(m)
-    # how long free text runs, too: a caption's length, then the running mean of the next
+    # how long free text runs, too: a caption's length, then the mean with the next
     codes = m.image_tokenizer.encode(np.zeros((1, 32, 32, 3), np.uint8))[0]
     captions = [m.templates.to_caption(codes, SamplingParams(seed=i)) for i in range(2)]
     m.engine.run(captions[:1])
     assert m.scheduler.cost.text_tokens == len(captions[0].generated)
     m.engine.run(captions[1:])
     lengths = [len(c.generated) for c in captions]
-    assert m.scheduler.cost.text_tokens == pytest.approx(0.9 * lengths[0] + 0.1 * lengths[1])
+    assert m.scheduler.cost.text_tokens == pytest.approx((lengths[0] + lengths[1]) / 2)
+
+
+def test_a_warmed_up_model_prices_its_first_requests(tiny_model_dir):
+    m = _load(tiny_model_dir)
+    cost = m.scheduler.cost
+    assert m.warm_up() > 0
+    assert cost.encode_per_image > 0 and cost.draw_per_image > 0 and cost.text_tokens > 0
+    assert cost.prefill_seconds(50) > 0 and cost.decode_seconds(0, 1) > 0
+    # the first drawing's face alone takes longer than this deadline: refused at once
+    with pytest.raises(DeadlineExceeded, match="needs about"):
+        m.generate_faces(TEXT, n=1, seed=0, candidates=1, deadline_s=cost.draw_per_image / 2)
+    assert m.metrics.snapshot()["counters"]["rejected"]["DeadlineExceeded"] == 1
 
 
 def test_analysis_overtakes_a_drawing_that_filled_the_cache(tiny_model_dir):
