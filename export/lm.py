@@ -29,8 +29,17 @@ def no_cache(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
     return k, v
 
 
+def tp_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """TencentPretrain's LayerNorm over the last axis: weight * (x - mean) / (std + eps) + bias,
+    with the unbiased std (N - 1) and eps added to the std, not the variance."""
+    mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+    return weight * (x - mean) / (std + eps) + bias
+
+
 class TPLayerNorm(nn.Module):
-    """TencentPretrain's LayerNorm: gamma * (x - mean) / (std + eps) + beta, unbiased std."""
+    """TencentPretrain's LayerNorm (tp_layer_norm) with its parameters."""
 
     def __init__(self, n: int, eps: float):
         super().__init__()
@@ -39,9 +48,7 @@ class TPLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        std = x.std(-1, keepdim=True)  # unbiased (N - 1)
-        return self.weight * (x - mean) / (std + self.eps) + self.bias
+        return tp_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def gelu_fast(x: torch.Tensor) -> torch.Tensor:

@@ -173,16 +173,16 @@ class FaceModel:
         self.close()
 
     def warm_up(self) -> float:
-        """Run each kind of work once on a grey face (the VQGAN both ways, a caption's prompt
-        and words): a graph's first run allocates, and the scheduler's cost model learns this
+        """Run each kind of work once: a caption of a grey face (the VQGAN encoder, a prompt
+        and its words) and a face drawn from codes (the decoder, whose time does not depend on
+        them). A graph's first run allocates, and the scheduler's cost model learns this
         machine's speed, so the first callers get warm latencies and deadlines priced from the
         start (a model that has run nothing admits every deadline). Returns the seconds taken;
         `facert serve` calls it before it listens."""
         start = time.monotonic()
         size = self.config.vqgan.resolution
-        grey = np.full((size, size, 3), 128, np.uint8)
-        self.image_tokenizer.decode(self.image_tokenizer.encode([grey]))
-        self.caption(grey)
+        self.caption(np.full((size, size, 3), 128, np.uint8))
+        self.image_tokenizer.decode(self._blank_codes()[None])  # (1, T)
         return time.monotonic() - start
 
     def health(self) -> dict[str, Any]:

@@ -96,12 +96,9 @@ class StepCost:
                                         event.text_rows)  # fmt: skip
         elif event.kind == "text":
             self._follow("text_tokens", event.tokens)
-        elif event.rows:
-            per_image = event.seconds / event.rows
-            if event.kind == "encode":
-                self._follow("encode_per_image", per_image)
-            else:
-                self._follow("draw_per_image", per_image)
+        elif event.kind in ("encode", "draw") and event.rows:
+            name = "encode_per_image" if event.kind == "encode" else "draw_per_image"
+            self._follow(name, event.seconds / event.rows)
 
     def _follow(self, name: str, value: float) -> None:
         """Running mean `name` takes `value`: the plain mean of its first ten values (a graph's

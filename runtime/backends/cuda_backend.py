@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facert.export.lm import MASK_VALUE, Talk2FaceLM, gelu_fast, prefix_mask_bias
+from facert.export.lm import MASK_VALUE, Talk2FaceLM, gelu_fast, prefix_mask_bias, tp_layer_norm
 from facert.export.vqgan import VQGAN
 
 from ..config import LM_FILE, VQGAN_FILE, ModelConfig, ModelFiles
@@ -85,8 +85,7 @@ def torch_add_layer_norm(
     in out_dtype (default fp32)."""
     if delta is not None:
         x += delta  # fp32 += low precision: promoted, as x + delta.float()
-    mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
-    return (weight * (x - mean) / (std + eps) + bias).to(out_dtype or torch.float32)
+    return tp_layer_norm(x, weight, bias, eps).to(out_dtype or torch.float32)
 
 
 def torch_gelu(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
