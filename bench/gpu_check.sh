@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one run: GPU-marked tests, the Triton kernels' tests compiled for the GPU,
-# `facert doctor`, `facert bench decode` and `facert bench throughput` on the base shape, with
+# `facert doctor`, `facert bench decode`, `throughput` and `load` on the base shape, with
 # every log, JSON, nvidia-smi's output and the package versions written into one folder.
 #
 #   bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu-check)
@@ -122,8 +122,11 @@ from facert.runtime.onnx_engines import cache_root as c; print(m(c() / 'base-ran
   else
     note "doctor-base: SKIPPED (the base-shape model could not be made)"
   fi
+  # The scheduler on the device: Poisson arrivals of the mixed stream beside FIFO and one at a time
+  step bench-load 200 "$PY" -m facert.cli bench load --model base --configs cuda:fp16 \
+    --rates 1,4 --requests 24 -q -o "$OUT_DIR"
 else
-  note "gpu-tests, triton-kernels, bench-decode, bench-throughput, doctor-base: SKIPPED, no GPU: $GPU"
+  note "gpu-tests, triton-kernels, bench-decode, bench-throughput, doctor-base, bench-load: SKIPPED, no GPU: $GPU"
   step doctor 150 "$PY" -m facert.cli doctor --json "$OUT_DIR/doctor.json"
 fi
 
