@@ -35,6 +35,11 @@ import numpy as np
 from . import cpu_library
 
 PRECISIONS = ("fp32", "int8")
+# The KV cache's type at each precision: int8 runs keep half-precision keys and values (IEEE
+# binary16, rounded to nearest on write, widened exactly on read; attention's arithmetic stays
+# float32), which halves the bytes a long batched step's attention reads and the pool's size.
+# fp32 keeps float32: its results are the exact model's.
+CACHE_DTYPES = {"fp32": np.dtype(np.float32), "int8": np.dtype(np.float16)}
 ISA_LEVELS = ("portable", "avx2", "avx512")  # the kernel's product levels, in order
 PANEL = 16  # output rows per packed weight panel
 DECODE_SEGMENT = 2  # generated tokens are segment 2 in every template
@@ -64,9 +69,9 @@ class _LM(ctypes.Structure):
 def _kernels(library: ctypes.CDLL) -> tuple[Callable[..., int], ...]:
     step, head, prefill = library.facert_decode_step, library.facert_head, library.facert_prefill
     i64, lm = ctypes.c_int64, ctypes.POINTER(_LM)
-    step.argtypes = [lm, _ptr, _ptr, i64, i64, _i32, _ptr, _ptr, _ptr, _ptr, _i32]
+    step.argtypes = [lm, _ptr, _ptr, i64, i64, _i32, _ptr, _ptr, _ptr, _ptr, _i32, _i32]
     head.argtypes = [lm, _ptr, _i32, _i32, _i32, _ptr, _i32]
-    prefill.argtypes = [lm, _ptr, _ptr, i64, i64, _i32, _ptr, _ptr, _ptr, _ptr, _ptr, _i32]
+    prefill.argtypes = [lm, _ptr, _ptr, i64, i64, _i32, _ptr, _ptr, _ptr, _ptr, _ptr, _i32, _i32]
     step.restype = head.restype = prefill.restype = ctypes.c_int
     return step, head, prefill
 
@@ -174,8 +179,9 @@ class _Product:
 
 
 class FusedDecoder:
-    """The LM's decode step on this CPU, over a (layers, slots, heads, capacity, head_dim)
-    float32 KV cache owned by the caller."""
+    """The LM's decode step on this CPU, over a (layers, slots, heads, capacity, head_dim) KV
+    cache owned by the caller: float32 or float16 (CACHE_DTYPES says which each precision
+    uses; the kernel takes either)."""
 
     def __init__(
         self,
@@ -283,12 +289,23 @@ class FusedDecoder:
         return sum(a.nbytes for a in self._keep)
 
     @staticmethod
-    def _check_cache(k_cache: np.ndarray, v_cache: np.ndarray) -> None:
+    def _half_cache(k_cache: np.ndarray, v_cache: np.ndarray) -> int:
+        """1 for a float16 cache, 0 for float32; anything else is refused."""
         for kv in (k_cache, v_cache):
-            if kv.dtype != np.float32 or not kv.flags.c_contiguous or kv.ndim != 5:
-                raise ValueError("the KV cache must be C-contiguous float32 (L, S, H, M, D)")
-        if k_cache.shape != v_cache.shape:
-            raise ValueError(f"key and value caches differ: {k_cache.shape}, {v_cache.shape}")
+            if (
+                kv.dtype not in (np.float32, np.float16)
+                or not kv.flags.c_contiguous
+                or kv.ndim != 5
+            ):
+                raise ValueError(
+                    "the KV cache must be C-contiguous float32 or float16 (L, S, H, M, D)"
+                )
+        if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+            raise ValueError(
+                f"key and value caches differ: {k_cache.shape} {k_cache.dtype}, "
+                f"{v_cache.shape} {v_cache.dtype}"
+            )
+        return int(k_cache.dtype == np.float16)
 
     def step(
         self,
@@ -300,7 +317,7 @@ class FusedDecoder:
     ) -> np.ndarray:
         """Append tokens (B,) at positions (B,) of slots (B,), writing their keys/values into the
         caches in place; returns their float32 (B, C) final hidden states (after ln_f)."""
-        self._check_cache(k_cache, v_cache)
+        half = self._half_cache(k_cache, v_cache)
         slots, tokens, positions = (np.ascontiguousarray(a, dtype=np.int64)
                                     for a in (slots, tokens, positions))  # fmt: skip
         if not len(tokens) == len(slots) == len(positions):
@@ -311,7 +328,7 @@ class FusedDecoder:
         status = self._step(
             ctypes.byref(self._lm), k_cache.ctypes.data, v_cache.ctypes.data, k_cache.shape[1],
             k_cache.shape[3], len(tokens), tokens.ctypes.data, positions.ctypes.data,
-            slots.ctypes.data, hidden.ctypes.data, self.threads,
+            slots.ctypes.data, hidden.ctypes.data, self.threads, half,
         )  # fmt: skip
         if status:
             raise ValueError(
@@ -331,7 +348,7 @@ class FusedDecoder:
         """Run prompts ids[b] (segment ids segs[b]) at positions 0..T_b-1 of cache rows rows[b],
         writing every position's keys/values; returns float32 (B, C) final hidden states (after
         ln_f) of each prompt's last position. Attention: the prefix-LM mask of export/lm.py."""
-        self._check_cache(k_cache, v_cache)
+        half = self._half_cache(k_cache, v_cache)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if not len(rows) == len(ids) == len(segs):
             raise ValueError("rows, ids and segs must have one entry per prompt")
@@ -346,7 +363,7 @@ class FusedDecoder:
         status = self._prefill(
             ctypes.byref(self._lm), k_cache.ctypes.data, v_cache.ctypes.data, k_cache.shape[1],
             k_cache.shape[3], len(rows), lengths.ctypes.data, flat_ids.ctypes.data,
-            flat_segs.ctypes.data, rows.ctypes.data, hidden.ctypes.data, self.threads,
+            flat_segs.ctypes.data, rows.ctypes.data, hidden.ctypes.data, self.threads, half,
         )  # fmt: skip
         if status:
             raise ValueError(

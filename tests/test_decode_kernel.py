@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from facert.kernels.decode import (
+    CACHE_DTYPES,
     DECODE_SEGMENT,
     ISA_LEVELS,
+    PRECISIONS,
     FusedDecoder,
     allow_vnni,
     pack_panels,
@@ -161,7 +163,8 @@ def test_results_do_not_depend_on_the_thread_count(case, precision):
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).view(np.uint32)  # -0.0 and 0.0 differ, NaNs compare
+    a = np.ascontiguousarray(a)  # -0.0 and 0.0 differ, NaNs compare
+    return a.view(np.uint16 if a.dtype == np.float16 else np.uint32)
 
 
 @pytest.fixture(params=ISA_LEVELS)
@@ -216,8 +219,9 @@ def _same_bits_whatever_the_batch(precision, lib):
         rng = np.random.default_rng(seed)
         w = random_weights(rng, vocab, n_embd, n_ffn, n_layer=2, positions=48)
         shape = (2, 32, n_head, 48, n_embd // n_head)  # (L, S, H, M, D)
-        k = rng.standard_normal(shape).astype(np.float32)
-        v = rng.standard_normal(shape).astype(np.float32)
+        cache = CACHE_DTYPES[precision]  # a float16 cache in int8
+        k = rng.standard_normal(shape).astype(cache)
+        v = rng.standard_normal(shape).astype(cache)
         decoder = FusedDecoder(w, n_head, EPS, precision, threads=2, library=lib)
         for batch in (1, 3, 5, 16, 32):
             rows = dict(slots=rng.permutation(32)[:batch], tokens=rng.integers(0, vocab, batch),
@@ -241,6 +245,54 @@ def _same_bits_whatever_the_batch(precision, lib):
                 assert np.array_equal(
                     _bits(decoder.head(hidden[some], window)), _bits(logits[some])
                 )
+
+
+@pytest.mark.parametrize("library", ["native", "portable"])
+def test_a_half_cache_holds_rounded_keys_and_attends_to_them(case, library, request):
+    """int8 runs keep a float16 KV cache. A step over one matches the numpy reference stepping
+    over float16 arrays (each new key/value rounded as it is written, the attention reading what
+    the cache holds) as closely as the float32 path matches it over float32 arrays, at every
+    product level and in the portable build; it writes only the new positions. A prefill writes
+    each key/value rounded to nearest (numpy's rounding, bit for bit), and its hidden states do
+    not depend on the cache's type (its attention reads the prompt's own keys)."""
+    w, n_head, k, v, rows, window = case
+    lib = request.getfixturevalue("portable_library") if library == "portable" else None
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    levels = ISA_LEVELS if lib is None else ("portable",)
+    prompts = dict(rows=np.array([4, 6]), ids=[np.array([1, 5, 9, 2]), np.array([7, 3])],
+                   segs=[np.array([1, 1, 2, 2]), np.array([1, 2])])  # fmt: skip
+    try:
+        for level in levels:
+            if lib is None and set_isa(level) != level:
+                continue
+            for precision in PRECISIONS:
+                k_ref, v_ref = k16.copy(), v16.copy()
+                _, expected = reference_step(
+                    w, n_head, k_ref, v_ref, **rows, window=window, int8=precision == "int8"
+                )
+                decoder = FusedDecoder(w, n_head, EPS, precision, threads=2, library=lib)
+                k_half, v_half = k16.copy(), v16.copy()
+                logits = step_logits(decoder, k_half, v_half, rows, window)
+                bound = 1e-5 if precision == "fp32" else 5e-3
+                assert np.abs(logits - expected).max() / np.abs(expected).max() < bound
+                for got, want, before in ((k_half, k_ref, k16), (v_half, v_ref, v16)):
+                    new = np.zeros(got.shape[1:4], bool)  # (S, H, M): the positions written
+                    new[rows["slots"], :, rows["positions"]] = True
+                    assert np.array_equal(_bits(got[:, ~new]), _bits(before[:, ~new]))
+                    assert np.allclose(got, want, rtol=2e-3, atol=1e-4)
+                k_wide, v_wide = k.copy(), v.copy()
+                wide = decoder.prefill(k_wide, v_wide, **prompts)
+                assert np.array_equal(
+                    _bits(decoder.prefill(k_half, v_half, **prompts)), _bits(wide)
+                )
+                assert np.array_equal(
+                    _bits(k_half[:, 4:7:2]), _bits(k_wide[:, 4:7:2].astype(np.float16))
+                )
+                assert np.array_equal(
+                    _bits(v_half[:, 4:7:2]), _bits(v_wide[:, 4:7:2].astype(np.float16))
+                )
+    finally:
+        set_isa("avx512")
 
 
 def test_one_step_serves_rows_of_different_windows(case):
@@ -363,7 +415,9 @@ def test_out_of_range_arguments_are_refused(case):
             decoder.head(hidden, window)
     with pytest.raises(ValueError, match="hidden states must be"):
         decoder.head(hidden[:, :-1], (0, 5))
-    with pytest.raises(ValueError, match="C-contiguous float32"):
+    with pytest.raises(ValueError, match="C-contiguous float32 or float16"):
+        decoder.step(k.astype(np.float64), v.astype(np.float64), **rows)
+    with pytest.raises(ValueError, match="key and value caches differ"):
         decoder.step(k.astype(np.float16), v, **rows)
 
 

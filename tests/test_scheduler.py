@@ -29,7 +29,10 @@ TEXT = "a smiling woman with glasses"
 
 
 def _load(tiny_model_dir, backend="onnxruntime", **options):
+    """backend: BACKEND[-DECODE][:PRECISION]"""
+    backend, _, precision = backend.partition(":")
     backend, _, decode = backend.partition("-")
+    options.setdefault("precision", precision or "fp32")
     return facert.load(
         tiny_model_dir, backend=backend, decode=decode or "auto", progress=False, **options
     )
@@ -70,8 +73,11 @@ def _comparable(result):
     return result
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-graph", "torch"])
+@pytest.mark.parametrize(
+    "backend", ["onnxruntime", "onnxruntime:int8", "onnxruntime-graph", "torch"]
+)
 def test_requests_batched_together_equal_each_alone(tiny_model_dir, backend):
+    """int8: the fused kernel over its float16 KV cache."""
     m = _load(tiny_model_dir, backend)
     face = m.generate_faces("a face", n=1, seed=9, candidates=1)[0]
     calls = _mixed_calls(face)
@@ -683,6 +689,11 @@ def test_a_memory_budget_sizes_the_cache_and_refuses_below_the_minimum(tiny_mode
         with pytest.raises(InvalidArgument, match="memory_budget"):
             _load(tiny_model_dir, memory_budget=bad)
     assert _load(tiny_model_dir, memory_budget="1GiB").memory.slots == MAX_SLOTS
+    # int8 keeps keys and values in float16: a slot costs half, so the same cache budget holds
+    # twice the slots
+    half = _load(tiny_model_dir, precision="int8", num_slots=4)
+    assert half.backend.k_cache.dtype == np.float16 and half.memory.kv_per_slot * 2 == p.kv_per_slot
+    assert half.backend.k_cache.nbytes + half.backend.v_cache.nbytes == half.memory.cache
 
 
 def test_a_bug_while_making_a_result_does_not_stop_later_results(tiny_model_dir):

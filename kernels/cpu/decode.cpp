@@ -21,7 +21,9 @@
 // products are the same bits on the AVX-512, AVX2 and portable paths (the portable one uses
 // std::fma). The math is that of facert.export.lm (TencentPretrain's LayerNorm, gelu_fast,
 // scores divided by sqrt(head_dim), the prefix-LM mask); the KV cache is the runtime's
-// (layers, slots, heads, capacity, head_dim) float32 array, written in place.
+// (layers, slots, heads, capacity, head_dim) array, written in place: float32, or IEEE half
+// (`kv_half`, int8 runs), which halves the bytes a long step's attention reads. Half keys and
+// values are rounded to nearest on write and widened exactly on read; the arithmetic is float32.
 
 #include <algorithm>
 #include <array>
@@ -247,6 +249,7 @@ std::atomic<int> requested_isa{kAvx512};  // lowered by tests to run the other p
 int product_isa() { return std::min(requested_isa.load(std::memory_order_relaxed), best_isa()); }
 
 constexpr int kPanel = 16;  // output rows per weight panel: one AVX-512 register of lanes
+using kv_half = _Float16;   // IEEE binary16: the KV cache of int8 runs
 
 // One tile: R panels x I inputs. acc[i * acc_stride + r * 16 + lane] holds pair (panel r's
 // row `lane`, input i); the tile continues those sums (`load`) or starts them at zero, so a long
@@ -726,47 +729,89 @@ float softmax_exp(float* scores, int T, float top) {
   return rest + sum_lanes(total);
 }
 
-// Four keys against one query: each query value is loaded once.
-FACERT_CLONES
-void dot4(const float* keys, const float* q, int D, float* out) {
+// Four keys against one query: each query value is loaded once. KV: float or kv_half.
+template <typename KV>
+inline __attribute__((always_inline)) void dot4_body(const KV* keys, const float* q, int D,
+                                                     float* out) {
   float a[4][kPanel] = {};
   int d = 0;
   for (; d + kPanel <= D; d += kPanel)
     for (int r = 0; r < 4; r++)
-      for (int j = 0; j < kPanel; j++) a[r][j] += keys[r * D + d + j] * q[d + j];
+      for (int j = 0; j < kPanel; j++) a[r][j] += float(keys[r * D + d + j]) * q[d + j];
   for (int r = 0; r < 4; r++) {
     float s = 0.0f;
-    for (int e = d; e < D; e++) s += keys[r * D + e] * q[e];
+    for (int e = d; e < D; e++) s += float(keys[r * D + e]) * q[e];
     out[r] = s + sum_lanes(a[r]);
   }
 }
+FACERT_CLONES
+void dot4(const float* keys, const float* q, int D, float* out) { dot4_body(keys, q, D, out); }
+FACERT_CLONES
+void dot4(const kv_half* keys, const float* q, int D, float* out) { dot4_body(keys, q, D, out); }
 
 // out (D,) = sum_t p[t] values[t] / total.
-FACERT_CLONES
-void weighted_values(const float* p, const float* values, int T, int D, float total, float* out) {
+template <typename KV>
+inline __attribute__((always_inline)) void weighted_values_body(const float* p, const KV* values,
+                                                                int T, int D, float total,
+                                                                float* out) {
   std::fill_n(out, D, 0.0f);
   for (int t = 0; t < T; t++)
-    for (int d = 0; d < D; d++) out[d] += p[t] * values[int64_t(t) * D + d];
+    for (int d = 0; d < D; d++) out[d] += p[t] * float(values[int64_t(t) * D + d]);
   for (int d = 0; d < D; d++) out[d] /= total;
+}
+FACERT_CLONES
+void weighted_values(const float* p, const float* values, int T, int D, float total, float* out) {
+  weighted_values_body(p, values, T, D, total, out);
+}
+FACERT_CLONES
+void weighted_values(const float* p, const kv_half* values, int T, int D, float total,
+                     float* out) {
+  weighted_values_body(p, values, T, D, total, out);
+}
+
+// Cache writes: floats as they are, or rounded to half (to nearest, ties to even, as
+// _mm512_cvtps_ph does: both paths give the same bits).
+FACERT_CLONES
+void halves(const float* x, int n, kv_half* out) {
+  for (int i = 0; i < n; i++) out[i] = kv_half(x[i]);
 }
 
 #if FACERT_X86
-// GCC 12 warns about an intentionally undefined register inside its own shuffle intrinsics.
+// GCC 12 warns about an intentionally undefined register inside its own shuffle and
+// conversion intrinsics.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
-// Sixteen keys (rows of D floats, D a multiple of 16, up to 256) against one query: one FMA
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// 16 cached values as floats.
+__attribute__((target("avx512f"), always_inline)) inline __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512 load16(const kv_half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+__attribute__((target("avx512f"))) void halves_avx512(const float* x, int n, kv_half* out) {
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  if (i < n) halves(x + i, n - i, out + i);
+}
+
+// Sixteen keys (rows of D values, D a multiple of 16, up to 256) against one query: one FMA
 // chain per key over D, then the 16 chains' lanes summed in a transposing tree (45 shuffles and
 // adds for all 16, not 16 separate reductions).
-__attribute__((target("avx512f"))) __m512 dot16_avx512(const float* keys, const float* q, int D) {
+template <typename KV>
+__attribute__((target("avx512f"))) __m512 dot16_avx512(const KV* keys, const float* q, int D) {
   __m512 s[16];
   const __m512 q0 = _mm512_loadu_ps(q);
   FACERT_UNROLL for (int j = 0; j < 16; j++) {
-    s[j] = _mm512_mul_ps(_mm512_loadu_ps(keys + j * D), q0);
+    s[j] = _mm512_mul_ps(load16(keys + j * D), q0);
   }
   for (int d = 16; d < D; d += 16) {
     const __m512 qd = _mm512_loadu_ps(q + d);
     FACERT_UNROLL for (int j = 0; j < 16; j++) {
-      s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(keys + j * D + d), qd, s[j]);
+      s[j] = _mm512_fmadd_ps(load16(keys + j * D + d), qd, s[j]);
     }
   }
   __m512 r[8], u[4], v[2];
@@ -785,19 +830,19 @@ __attribute__((target("avx512f"))) __m512 dot16_avx512(const float* keys, const 
   const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
   return _mm512_permutexvar_ps(order, w);
 }
-#pragma GCC diagnostic pop
 
 // scores[t] = keys[t] . q / root for t < T (keys past T are not read).
-__attribute__((target("avx512f"))) void scores_avx512(const float* q, const float* keys, int T,
-                                                      int D, float root, float* scores) {
+template <typename KV>
+__attribute__((target("avx512f"))) void scores_avx512(const float* q, const KV* keys, int T, int D,
+                                                      float root, float* scores) {
   const __m512 div = _mm512_set1_ps(root);
   int t = 0;
   for (; t + 16 <= T; t += 16)
     _mm512_storeu_ps(scores + t, _mm512_div_ps(dot16_avx512(keys + int64_t(t) * D, q, D), div));
   if (t < T) {  // the last keys through a zero-padded copy
-    thread_local std::vector<float> tail;
-    float* k = scratch(tail, 16 * int64_t(D));
-    std::fill_n(k, 16 * D, 0.0f);
+    thread_local std::vector<KV> tail;
+    KV* k = scratch(tail, 16 * int64_t(D));
+    std::fill_n(k, 16 * D, KV(0.0f));
     std::copy_n(keys + int64_t(t) * D, int64_t(T - t) * D, k);
     const __m512 last = _mm512_div_ps(dot16_avx512(k, q, D), div);
     _mm512_mask_storeu_ps(scores + t, __mmask16((1u << (T - t)) - 1), last);
@@ -805,18 +850,19 @@ __attribute__((target("avx512f"))) void scores_avx512(const float* q, const floa
 }
 
 // out (D,) = sum_t p[t] values[t] / total, D a multiple of 16 up to 256.
-__attribute__((target("avx512f"))) void weighted_values_avx512(const float* p,
-                                                               const float* values, int T, int D,
-                                                               float total, float* out) {
+template <typename KV>
+__attribute__((target("avx512f"))) void weighted_values_avx512(const float* p, const KV* values,
+                                                               int T, int D, float total,
+                                                               float* out) {
   for (int d0 = 0; d0 < D; d0 += 64) {
     const int n = std::min(4, (D - d0) / 16);  // registers of 16 used
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                      _mm512_setzero_ps()};
     for (int t = 0; t < T; t++) {
       const __m512 pt = _mm512_set1_ps(p[t]);
-      const float* row = values + int64_t(t) * D + d0;
+      const KV* row = values + int64_t(t) * D + d0;
       FACERT_UNROLL for (int j = 0; j < 4; j++) {
-        if (j < n) acc[j] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(row + 16 * j), acc[j]);
+        if (j < n) acc[j] = _mm512_fmadd_ps(pt, load16(row + 16 * j), acc[j]);
       }
     }
     FACERT_UNROLL for (int j = 0; j < 4; j++) {
@@ -825,15 +871,27 @@ __attribute__((target("avx512f"))) void weighted_values_avx512(const float* p,
   }
 }
 
+#pragma GCC diagnostic pop
+
 bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
 }
 #endif
 
+// Keys/values x (n,) into the cache.
+inline void store_kv(const float* x, int n, float* out) { std::copy_n(x, n, out); }
+inline void store_kv(const float* x, int n, kv_half* out) {
+#if FACERT_X86
+  if (has_avx512()) return halves_avx512(x, n, out);
+#endif
+  halves(x, n, out);
+}
+
 // One query against T cached positions of one head: softmax(q K^T / sqrt(D)) V -> out (D,).
 // The code path depends on the CPU and D only, never on the batch.
-void attend(const float* q, const float* keys, const float* values, int T, int D, float* scores,
+template <typename KV>
+void attend(const float* q, const KV* keys, const KV* values, int T, int D, float* scores,
             float* out) {
   const float root = std::sqrt(float(D));
 #if FACERT_X86
@@ -851,7 +909,7 @@ void attend(const float* q, const float* keys, const float* values, int T, int D
     if (t + 4 <= T) {
       dot4(keys + int64_t(t) * D, q, D, scores + t);
     } else {  // the last 1-3 keys, through a copy so nothing past the cache is read
-      float tail[4 * 256] = {};
+      KV tail[4 * 256] = {};
       std::copy_n(keys + int64_t(t) * D, int64_t(T - t) * D, tail);
       dot4(tail, q, D, scores + t);
     }
@@ -965,12 +1023,14 @@ FACERT_API int facert_decode_vnni(int allow) {
 // (segment `decode_segment`) at position positions[b] of cache slot slots[b], attends to that
 // slot's positions 0..pos, and gets its final hidden state in hidden (batch, n_embd); the
 // logits are facert_head's. Each row's result is the same whatever the other rows of the call.
-// k_cache, v_cache: (n_layer, num_slots, n_head, capacity, head_dim) float32.
+// k_cache, v_cache: (n_layer, num_slots, n_head, capacity, head_dim), float32, or half when
+// kv_half_cache is 1.
 // Returns 0, or 1 when an argument is out of range (nothing is written then).
-FACERT_API int facert_decode_step(const facert_lm* m, float* k_cache, float* v_cache,
-                                  int64_t num_slots, int64_t capacity, int32_t batch,
-                                  const int64_t* tokens, const int64_t* positions,
-                                  const int64_t* slots, float* hidden, int32_t threads) {
+namespace {
+template <typename KV>
+int decode_step(const facert_lm* m, KV* k_cache, KV* v_cache, int64_t num_slots,
+                int64_t capacity, int32_t batch, const int64_t* tokens, const int64_t* positions,
+                const int64_t* slots, float* hidden, int32_t threads) {
   const int C = m->n_embd, H = m->n_head, D = C / H, B = batch;
   if (B <= 0 || D > 256) return 1;
   for (int b = 0; b < B; b++)
@@ -989,15 +1049,15 @@ FACERT_API int facert_decode_step(const facert_lm* m, float* k_cache, float* v_c
   const int64_t slot_stride = int64_t(H) * capacity * D;
   const int64_t layer_stride = num_slots * slot_stride;
   for (int l = 0; l < m->n_layer; l++) {
-    float* kl = k_cache + l * layer_stride;
-    float* vl = v_cache + l * layer_stride;
+    KV* kl = k_cache + l * layer_stride;
+    KV* vl = v_cache + l * layer_stride;
     attention_half(m, m->layers[l], B, w, [&] {
       // Write this position's keys/values, then attend over positions 0..pos of the slot.
       for (int b = 0; b < B; b++)
         for (int hd = 0; hd < H; hd++) {
           const int64_t at = slots[b] * slot_stride + (int64_t(hd) * capacity + positions[b]) * D;
-          std::copy_n(&w.qkv[int64_t(b) * 3 * C + C + hd * D], D, kl + at);
-          std::copy_n(&w.qkv[int64_t(b) * 3 * C + 2 * C + hd * D], D, vl + at);
+          store_kv(&w.qkv[int64_t(b) * 3 * C + C + hd * D], D, kl + at);
+          store_kv(&w.qkv[int64_t(b) * 3 * C + 2 * C + hd * D], D, vl + at);
         }
       pool().run(B * H, 1, [&](int begin, int end) {
         thread_local std::vector<float> scores;
@@ -1014,6 +1074,19 @@ FACERT_API int facert_decode_step(const facert_lm* m, float* k_cache, float* v_c
   }
   layer_norm_rows(w.x, m->lnf_weight, m->lnf_bias, m->eps, C, B, hidden);
   return 0;
+}
+}  // namespace
+
+FACERT_API int facert_decode_step(const facert_lm* m, void* k_cache, void* v_cache,
+                                  int64_t num_slots, int64_t capacity, int32_t batch,
+                                  const int64_t* tokens, const int64_t* positions,
+                                  const int64_t* slots, float* hidden, int32_t threads,
+                                  int32_t kv_half_cache) {
+  if (kv_half_cache)
+    return decode_step(m, static_cast<kv_half*>(k_cache), static_cast<kv_half*>(v_cache),
+                       num_slots, capacity, batch, tokens, positions, slots, hidden, threads);
+  return decode_step(m, static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_slots,
+                     capacity, batch, tokens, positions, slots, hidden, threads);
 }
 
 // The head's rows [lo, hi) for `batch` final hidden states (batch, n_embd): logits (batch,
@@ -1039,10 +1112,11 @@ FACERT_API int facert_head(const facert_lm* m, const float* hidden, int32_t batc
 // export/lm.py's prefix-LM mask. All positions of a group of prompts are the rows of the same
 // products; a prompt's results never depend on the other prompts of the call.
 // Returns 0, or 1 when an argument is out of range (nothing is written then).
-FACERT_API int facert_prefill(const facert_lm* m, float* k_cache, float* v_cache,
-                              int64_t num_slots, int64_t capacity, int32_t batch,
-                              const int64_t* lengths, const int64_t* ids, const int64_t* segs,
-                              const int64_t* slots, float* hidden, int32_t threads) {
+namespace {
+template <typename KV>
+int prefill(const facert_lm* m, KV* k_cache, KV* v_cache, int64_t num_slots, int64_t capacity,
+            int32_t batch, const int64_t* lengths, const int64_t* ids, const int64_t* segs,
+            const int64_t* slots, float* hidden, int32_t threads) {
   const int C = m->n_embd, H = m->n_head, D = C / H;
   if (batch <= 0) return 1;
   std::vector<int64_t> start(batch + 1, 0);  // prompt b's tokens: [start[b], start[b + 1])
@@ -1074,8 +1148,8 @@ FACERT_API int facert_prefill(const facert_lm* m, float* k_cache, float* v_cache
           w.x[r * C + i] = (m->wte[id * C + i] + m->wpe[t * C + i]) + m->wse[seg * C + i];
       }
     for (int l = 0; l < m->n_layer; l++) {
-      float* kl = k_cache + l * layer_stride;
-      float* vl = v_cache + l * layer_stride;
+      KV* kl = k_cache + l * layer_stride;
+      KV* vl = v_cache + l * layer_stride;
       attention_half(m, m->layers[l], rows, w, [&] {
         pool().run((g1 - g0) * H, 1, [&](int begin, int end) {
           for (int task = begin; task < end; task++) {
@@ -1084,8 +1158,8 @@ FACERT_API int facert_prefill(const facert_lm* m, float* k_cache, float* v_cache
             const float* q = w.qkv + (start[b] - first) * 3 * C + hd * D;  // (T, 3C) rows
             const int64_t head = slots[b] * slot_stride + int64_t(hd) * capacity * D;
             for (int t = 0; t < T; t++) {
-              std::copy_n(q + int64_t(t) * 3 * C + C, D, kl + head + int64_t(t) * D);
-              std::copy_n(q + int64_t(t) * 3 * C + 2 * C, D, vl + head + int64_t(t) * D);
+              store_kv(q + int64_t(t) * 3 * C + C, D, kl + head + int64_t(t) * D);
+              store_kv(q + int64_t(t) * 3 * C + 2 * C, D, vl + head + int64_t(t) * D);
             }
             attend_prompt(isa, q, q + C, q + 2 * C, 3 * C, segs + start[b], T, D,
                           w.att + (start[b] - first) * C + hd * D, C);
@@ -1110,6 +1184,19 @@ FACERT_API int facert_prefill(const facert_lm* m, float* k_cache, float* v_cache
                  hidden + int64_t(b) * C);
   }
   return 0;
+}
+}  // namespace
+
+FACERT_API int facert_prefill(const facert_lm* m, void* k_cache, void* v_cache,
+                              int64_t num_slots, int64_t capacity, int32_t batch,
+                              const int64_t* lengths, const int64_t* ids, const int64_t* segs,
+                              const int64_t* slots, float* hidden, int32_t threads,
+                              int32_t kv_half_cache) {
+  if (kv_half_cache)
+    return prefill(m, static_cast<kv_half*>(k_cache), static_cast<kv_half*>(v_cache), num_slots,
+                   capacity, batch, lengths, ids, segs, slots, hidden, threads);
+  return prefill(m, static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_slots,
+                 capacity, batch, lengths, ids, segs, slots, hidden, threads);
 }
 
 // ---- packing weights at load time ----

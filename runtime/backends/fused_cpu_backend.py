@@ -4,8 +4,9 @@ precision, read from the model directory's lm.safetensors; images go through ONN
 graphs: the encoder's session made at load, the decoder's on its first use (a captioning kiosk
 never loads it).
 
-The KV cache is one numpy array per keys/values, (layers, slots, heads, capacity, head_dim)
-float32, allocated once; the kernel reads and writes any slot in place, so a slot is its row.
+The KV cache is one numpy array per keys/values, (layers, slots, heads, capacity, head_dim),
+allocated once, float32 in fp32 runs and float16 in int8 runs (kernels/decode.py CACHE_DTYPES);
+the kernel reads and writes any slot in place, so a slot is its row.
 `forward_logits` (a full forward without a cache: reference checks, not serving) runs the
 engine's lm_prefill and head graphs, loaded only if it is called.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facert.kernels.decode import FusedDecoder
+from facert.kernels.decode import CACHE_DTYPES, FusedDecoder
 
 from ..config import ModelConfig
 from .onnxruntime_backend import Graphs
@@ -27,12 +28,12 @@ VQGAN_GRAPHS = ("vqgan_encoder", "vqgan_decoder")
 class FusedCpuBackend:
     name = "onnxruntime"  # what the user chose: the embedded CPU path
     lm_path = "fused kernel"
-    cache_dtype = np.dtype(np.float32)
 
     def __init__(
         self, engine_dir: Path, config: ModelConfig, decoder: FusedDecoder, threads: int | None
     ):
         self.config, self.decoder = config, decoder
+        self.cache_dtype = CACHE_DTYPES[decoder.precision]
         # ONNX Runtime's idle threads must not spin: they would steal a core from the kernel
         self.graphs = Graphs(engine_dir, ["CPUExecutionProvider"], threads, spinning=False)
         self.graphs.load(("vqgan_encoder",))
@@ -43,8 +44,8 @@ class FusedCpuBackend:
     def allocate(self, num_slots: int, max_len: int) -> None:
         c = self.config.lm
         shape = (c.n_layer, num_slots, c.n_head, max_len, c.head_dim)  # (L, S, H, M, D)
-        self.k_cache = np.zeros(shape, np.float32)
-        self.v_cache = np.zeros(shape, np.float32)
+        self.k_cache = np.zeros(shape, self.cache_dtype)
+        self.v_cache = np.zeros(shape, self.cache_dtype)
 
     def forward_logits(self, ids: np.ndarray, segs: np.ndarray) -> np.ndarray:
         return self.graphs.forward_logits(ids, segs, self.config)
