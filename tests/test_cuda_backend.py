@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -398,6 +399,29 @@ def test_gpu_scheduled_requests_equal_each_alone():
     alone, together = scheduled_beside_alone(model)
     assert_same_results(alone, together, min_same_faces=0.8)
     assert len(model.backend._graphs) >= 2  # the batches ran at more than one bucket
+
+
+@gpu
+@no_gpu_skip
+def test_gpu_faces_drawn_beside_steps_equal_each_alone(reference, codes):
+    """The VQGAN runs on its own stream, outside the LM's lock, while another thread steps: the
+    steps' logits and the faces and codes are the bits each gives alone."""
+    config = reference.config
+    backend = CudaBackend(model_files(), config, "fp32")
+    backend.allocate(4, config.lm.seq_length)
+    seq = task_sequences(reference, codes)[0]
+    reference.engine.run([seq])
+    many = np.repeat(codes[None], 8, axis=0)  # (8, T)
+    logits, faces = teacher_forced_logits(backend, seq), backend.decode_images(many)
+    face_codes = backend.encode_images(faces)
+    with ThreadPoolExecutor(1) as pool:
+        drawn = pool.submit(
+            lambda: [(backend.decode_images(many), backend.encode_images(faces)) for _ in range(4)]
+        )
+        stepped = [teacher_forced_logits(backend, seq) for _ in range(4)]
+        drawn = drawn.result()
+    assert all(np.array_equal(got, logits) for got in stepped)
+    assert all(np.array_equal(f, faces) and np.array_equal(c, face_codes) for f, c in drawn)
 
 
 @gpu

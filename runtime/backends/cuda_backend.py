@@ -7,6 +7,11 @@ Where the bytes are, precision is low; where rounding would change the answer, i
   KB per row), so fp16 cannot overflow in gelu's cube and bf16 rounding cannot tie the top logits;
 - the VQGAN in fp32 with TF32 off: its quantizer's argmin decides codes on near ties.
 
+The VQGAN runs on a CUDA stream of its own and outside the LM's lock, so a face drawn on the
+finisher thread (tens of milliseconds) does not hold up the engine's decode steps: their kernels
+interleave with its convolutions. Only a graph capture excludes it (no other work may start on
+the device while one records).
+
 The KV cache (layers, slots + 1, heads, capacity, head_dim) lives on the device and is written in
 place; the extra slot is scratch for padding. A decode step is captured once per batch-size
 bucket (1, 2, 4, ...) as a CUDA graph and replayed, so a step costs one launch instead of a few
@@ -23,10 +28,11 @@ checked by doctor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,7 +183,9 @@ class CudaBackend:
         self.scratch = 0
         self._graphs: dict[int, _Graph] = {}
         self._pool = None
-        self._lock = threading.RLock()  # a graph capture must not overlap other device work
+        self._lock = threading.RLock()  # the LM's cache, graphs and buffers: one call at a time
+        self._capturing = threading.Lock()  # held by a graph capture, and by VQGAN calls
+        self._image_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._choose_kernels(kernels)
 
     def _choose_kernels(self, kernels: str) -> None:
@@ -381,17 +389,19 @@ class CudaBackend:
             return g.hidden[:B].cpu().numpy()  # (B, C)
 
     def _capture(self, bucket: int) -> _Graph:
-        """Warm up on a side stream (cuBLAS workspaces, Triton compiles), then capture; a Triton
-        kernel that fails either way is dropped for the torch ops, with the reason kept."""
-        try:
-            g = self._try_capture(bucket)
-        except Exception as e:
-            if self.kernels != "triton":
-                raise
-            why = f"a Triton kernel failed in a CUDA graph ({type(e).__name__}: {e})"
-            self._use_torch_kernels(why)
-            self._graphs.clear()
-            g = self._try_capture(bucket)
+        """Warm up on a side stream (cuBLAS workspaces, Triton compiles), then capture, with no
+        VQGAN call running; a Triton kernel that fails either way is dropped for the torch ops,
+        with the reason kept."""
+        with self._capturing:
+            try:
+                g = self._try_capture(bucket)
+            except Exception as e:
+                if self.kernels != "triton":
+                    raise
+                why = f"a Triton kernel failed in a CUDA graph ({type(e).__name__}: {e})"
+                self._use_torch_kernels(why)
+                self._graphs.clear()
+                g = self._try_capture(bucket)
         self._graphs[bucket] = g
         return g
 
@@ -460,14 +470,23 @@ class CudaBackend:
 
     @torch.inference_mode()
     def encode_images(self, images: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(images, dtype=np.float32)).to(self.device)
-        with self._lock, _no_tf32():
+        with self._images():
+            x = torch.as_tensor(np.asarray(images, dtype=np.float32)).to(self.device)
             return self.vqgan.encode(x).cpu().numpy()
 
     @torch.inference_mode()
     def decode_images(self, codes: np.ndarray) -> np.ndarray:
-        with self._lock, _no_tf32():
+        with self._images():
             return self.vqgan.decode(self._ids(codes)).clamp(-1.0, 1.0).cpu().numpy()
+
+    @contextlib.contextmanager
+    def _images(self) -> Iterator[None]:
+        """A VQGAN call: on the image stream (its results are copied to the host on it, so they
+        are complete when it returns), beside the LM's steps, never during a graph capture."""
+        stream = self._image_stream
+        with self._capturing, _no_tf32():
+            with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+                yield
 
 
 def _no_tf32() -> object:
