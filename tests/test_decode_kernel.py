@@ -252,15 +252,18 @@ def test_a_half_cache_holds_rounded_keys_and_attends_to_them(case, library, requ
     """int8 runs keep a float16 KV cache. A step over one matches the numpy reference stepping
     over float16 arrays (each new key/value rounded as it is written, the attention reading what
     the cache holds) as closely as the float32 path matches it over float32 arrays, at every
-    product level and in the portable build; it writes only the new positions. A prefill writes
-    each key/value rounded to nearest (numpy's rounding, bit for bit), and its hidden states do
-    not depend on the cache's type (its attention reads the prompt's own keys)."""
+    product level and in the portable build; it writes only the new positions, and every level
+    gives the same bits (the levels convert halves differently, exactly or rounded to nearest
+    alike). A prefill writes each key/value rounded to nearest (numpy's rounding, bit for bit),
+    and its hidden states do not depend on the cache's type (its attention reads the prompt's own
+    keys)."""
     w, n_head, k, v, rows, window = case
     lib = request.getfixturevalue("portable_library") if library == "portable" else None
     k16, v16 = k.astype(np.float16), v.astype(np.float16)
     levels = ISA_LEVELS if lib is None else ("portable",)
     prompts = dict(rows=np.array([4, 6]), ids=[np.array([1, 5, 9, 2]), np.array([7, 3])],
                    segs=[np.array([1, 1, 2, 2]), np.array([1, 2])])  # fmt: skip
+    first: dict[str, np.ndarray] = {}  # each precision's logits at the first level
     try:
         for level in levels:
             if lib is None and set_isa(level) != level:
@@ -275,6 +278,7 @@ def test_a_half_cache_holds_rounded_keys_and_attends_to_them(case, library, requ
                 logits = step_logits(decoder, k_half, v_half, rows, window)
                 bound = 1e-5 if precision == "fp32" else 5e-3
                 assert np.abs(logits - expected).max() / np.abs(expected).max() < bound
+                assert np.array_equal(_bits(first.setdefault(precision, logits)), _bits(logits))
                 for got, want, before in ((k_half, k_ref, k16), (v_half, v_ref, v16)):
                     new = np.zeros(got.shape[1:4], bool)  # (S, H, M): the positions written
                     new[rows["slots"], :, rows["positions"]] = True

@@ -225,7 +225,8 @@ T* scratch(std::vector<T>& buffer, int64_t n) {
 // through vpmaddubsw on |w| and sign(x, w), which cannot saturate as |w|, |x| <= 127), or
 // portable C++. The level changes only the products (every pair's arithmetic is the same on all
 // three), so tests on one machine can run the others; the per-row operations (LayerNorm,
-// softmax, GELU) take the best the CPU has.
+// softmax, GELU, attention) take the best the CPU has. A half KV cache's conversions follow the
+// level too (AVX-512, F16C, or C++), all exact or rounded to nearest, so the same bits.
 
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -729,51 +730,36 @@ float softmax_exp(float* scores, int T, float top) {
   return rest + sum_lanes(total);
 }
 
-// Four keys against one query: each query value is loaded once. KV: float or kv_half.
-template <typename KV>
-inline __attribute__((always_inline)) void dot4_body(const KV* keys, const float* q, int D,
-                                                     float* out) {
+// Four keys against one query: each query value is loaded once.
+FACERT_CLONES
+void dot4(const float* keys, const float* q, int D, float* out) {
   float a[4][kPanel] = {};
   int d = 0;
   for (; d + kPanel <= D; d += kPanel)
     for (int r = 0; r < 4; r++)
-      for (int j = 0; j < kPanel; j++) a[r][j] += float(keys[r * D + d + j]) * q[d + j];
+      for (int j = 0; j < kPanel; j++) a[r][j] += keys[r * D + d + j] * q[d + j];
   for (int r = 0; r < 4; r++) {
     float s = 0.0f;
-    for (int e = d; e < D; e++) s += float(keys[r * D + e]) * q[e];
+    for (int e = d; e < D; e++) s += keys[r * D + e] * q[e];
     out[r] = s + sum_lanes(a[r]);
   }
 }
-FACERT_CLONES
-void dot4(const float* keys, const float* q, int D, float* out) { dot4_body(keys, q, D, out); }
-FACERT_CLONES
-void dot4(const kv_half* keys, const float* q, int D, float* out) { dot4_body(keys, q, D, out); }
 
 // out (D,) = sum_t p[t] values[t] / total.
-template <typename KV>
-inline __attribute__((always_inline)) void weighted_values_body(const float* p, const KV* values,
-                                                                int T, int D, float total,
-                                                                float* out) {
-  std::fill_n(out, D, 0.0f);
-  for (int t = 0; t < T; t++)
-    for (int d = 0; d < D; d++) out[d] += p[t] * float(values[int64_t(t) * D + d]);
-  for (int d = 0; d < D; d++) out[d] /= total;
-}
 FACERT_CLONES
 void weighted_values(const float* p, const float* values, int T, int D, float total, float* out) {
-  weighted_values_body(p, values, T, D, total, out);
-}
-FACERT_CLONES
-void weighted_values(const float* p, const kv_half* values, int T, int D, float total,
-                     float* out) {
-  weighted_values_body(p, values, T, D, total, out);
+  std::fill_n(out, D, 0.0f);
+  for (int t = 0; t < T; t++)
+    for (int d = 0; d < D; d++) out[d] += p[t] * values[int64_t(t) * D + d];
+  for (int d = 0; d < D; d++) out[d] /= total;
 }
 
-// Cache writes: floats as they are, or rounded to half (to nearest, ties to even, as
-// _mm512_cvtps_ph does: both paths give the same bits).
-FACERT_CLONES
-void halves(const float* x, int n, kv_half* out) {
-  for (int i = 0; i < n; i++) out[i] = kv_half(x[i]);
+// Half <-> float in C++ (GCC converts _Float16 one value at a time): the portable level.
+void halves(const float* x, int64_t n, kv_half* out) {
+  for (int64_t i = 0; i < n; i++) out[i] = kv_half(x[i]);
+}
+void widen(const kv_half* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i++) out[i] = float(x[i]);
 }
 
 #if FACERT_X86
@@ -790,12 +776,27 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 load16(const kv_
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-__attribute__((target("avx512f"))) void halves_avx512(const float* x, int n, kv_half* out) {
-  int i = 0;
+// Rounded to nearest (ties to even), as kv_half(x) rounds: the same bits on every level.
+__attribute__((target("avx512f"))) void halves_avx512(const float* x, int64_t n, kv_half* out) {
+  int64_t i = 0;
   for (; i + 16 <= n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
                         _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
-  if (i < n) halves(x + i, n - i, out + i);
+  halves(x + i, n - i, out + i);
+}
+__attribute__((target("avx,f16c"))) void halves_f16c(const float* x, int64_t n, kv_half* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  halves(x + i, n - i, out + i);
+}
+__attribute__((target("avx,f16c"))) void widen_f16c(const kv_half* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  widen(x + i, n - i, out + i);
 }
 
 // Sixteen keys (rows of D values, D a multiple of 16, up to 256) against one query: one FMA
@@ -877,21 +878,26 @@ bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
 }
+bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return yes;
+}
 #endif
 
 // Keys/values x (n,) into the cache.
-inline void store_kv(const float* x, int n, float* out) { std::copy_n(x, n, out); }
-inline void store_kv(const float* x, int n, kv_half* out) {
+inline void store_kv(const float* x, int64_t n, float* out) { std::copy_n(x, n, out); }
+inline void store_kv(const float* x, int64_t n, kv_half* out) {
 #if FACERT_X86
-  if (has_avx512()) return halves_avx512(x, n, out);
+  const int isa = product_isa();
+  if (isa == kAvx512 && has_avx512()) return halves_avx512(x, n, out);
+  if (isa >= kAvx2 && has_f16c()) return halves_f16c(x, n, out);
 #endif
   halves(x, n, out);
 }
 
 // One query against T cached positions of one head: softmax(q K^T / sqrt(D)) V -> out (D,).
 // The code path depends on the CPU and D only, never on the batch.
-template <typename KV>
-void attend(const float* q, const KV* keys, const KV* values, int T, int D, float* scores,
+void attend(const float* q, const float* keys, const float* values, int T, int D, float* scores,
             float* out) {
   const float root = std::sqrt(float(D));
 #if FACERT_X86
@@ -909,13 +915,44 @@ void attend(const float* q, const KV* keys, const KV* values, int T, int D, floa
     if (t + 4 <= T) {
       dot4(keys + int64_t(t) * D, q, D, scores + t);
     } else {  // the last 1-3 keys, through a copy so nothing past the cache is read
-      KV tail[4 * 256] = {};
+      float tail[4 * 256] = {};
       std::copy_n(keys + int64_t(t) * D, int64_t(T - t) * D, tail);
       dot4(tail, q, D, scores + t);
     }
   }
   for (int t = 0; t < T; t++) top = std::max(top, scores[t] /= root);
   weighted_values(scores, values, T, D, softmax_exp(scores, T, top), out);
+}
+
+// The same over a half cache. AVX-512 widens each key/value in the register that uses it;
+// elsewhere the head's keys and values are widened first (F16C: 8 at a time), then attended as
+// floats: the same values in the same arithmetic, so the same bits either way.
+void attend(const float* q, const kv_half* keys, const kv_half* values, int T, int D,
+            float* scores, float* out) {
+#if FACERT_X86
+  if (D % 16 == 0 && has_avx512() && product_isa() == kAvx512) {
+    const float root = std::sqrt(float(D));
+    scores_avx512(q, keys, T, D, root, scores);
+    float top = -INFINITY;
+    for (int t = 0; t < T; t++) top = std::max(top, scores[t]);
+    weighted_values_avx512(scores, values, T, D, softmax_exp(scores, T, top), out);
+    return;
+  }
+#endif
+  thread_local std::vector<float> k_buf, v_buf;
+  const int64_t n = int64_t(T) * D;
+  float* k = scratch(k_buf, n);
+  float* v = scratch(v_buf, n);
+#if FACERT_X86
+  if (product_isa() >= kAvx2 && has_f16c()) {
+    widen_f16c(keys, n, k);
+    widen_f16c(values, n, v);
+    return attend(q, k, v, T, D, scores, out);
+  }
+#endif
+  widen(keys, n, k);
+  widen(values, n, v);
+  attend(q, k, v, T, D, scores, out);
 }
 
 // ---- prefill attention: one prompt, one head, every query at once ----
