@@ -2,7 +2,8 @@
 loop around FaceModel (`server.py`): throughput, latency p50/p99, and goodput under a deadline.
 
 Rates are multiples of the one-at-a-time capacity (1 / the mix's mean solo latency, measured
-first), so "1.0" means as many requests as the server could finish unbatched. Each task's
+first, after the model's warm-up), so "1.0" means as many requests as the server could finish
+unbatched. Each task's
 deadline is a multiple of its solo latency. Three policies share each stream: `scheduler` (the
 model's own, fed in real time through FaceModel.submit with each deadline: scheduled.py),
 `fifo-batch` (what has arrived, batched as server.py says) and `one-at-a-time`.
@@ -76,7 +77,8 @@ def run(
         mix = {t: w for t, w in MIX.items() if attribute or t != "to_attributes"}
         bar = tqdm(total=len(rates) * len(POLICIES) + 1, desc=f"load {model.name} {f.name}",
                    disable=not progress)  # fmt: skip
-        bar.set_postfix_str("solo latencies")
+        bar.set_postfix_str("warm-up, solo latencies")
+        f.model.warm_up()  # as `facert serve` does: prices from warm runs
         solo, unshared = _solo(Server(f.model, 1, attribute), list(mix))
         bar.update()
         capacity = 1.0 / (sum(w * solo[t] for t, w in mix.items()) / sum(mix.values()))

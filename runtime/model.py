@@ -173,16 +173,21 @@ class FaceModel:
         self.close()
 
     def warm_up(self) -> float:
-        """Run each kind of work once: a caption of a grey face (the VQGAN encoder, a prompt
+        """Run each kind of work twice: a caption of a grey face (the VQGAN encoder, a prompt
         and its words) and a face drawn from codes (the decoder, whose time does not depend on
-        them). A graph's first run allocates, and the scheduler's cost model learns this
-        machine's speed, so the first callers get warm latencies and deadlines priced from the
-        start (a model that has run nothing admits every deadline). Returns the seconds taken;
-        `facert serve` calls it before it listens."""
+        them). The first round is cold (a graph's first run allocates; on a GPU, CUDA and cuDNN
+        set up), so the scheduler's cost model forgets it and learns this machine's speed from
+        the second: the first callers get warm latencies and deadlines priced from the start (a
+        model that has run nothing admits every deadline, one priced from cold runs refuses
+        what it could serve). Returns the seconds taken; `facert serve` calls it before it
+        listens."""
         start = time.monotonic()
         size = self.config.vqgan.resolution
-        self.caption(np.full((size, size, 3), 128, np.uint8))
-        self.image_tokenizer.decode(self._blank_codes()[None])  # (1, T)
+        for cold in (True, False):
+            self.caption(np.full((size, size, 3), 128, np.uint8))
+            self.image_tokenizer.decode(self._blank_codes()[None])  # (1, T)
+            if cold:
+                self.scheduler.cost.forget()
         return time.monotonic() - start
 
     def health(self) -> dict[str, Any]:

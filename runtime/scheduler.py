@@ -19,7 +19,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -133,6 +133,14 @@ class StepCost:
     def _decay_to(self, now: float) -> None:
         self._stalled *= math.exp(-(now - (self._at or now)) / self.stall_window)
         self._at = now
+
+    def forget(self) -> None:
+        """Drop everything learnt: after work whose runs were cold (a graph's first run
+        allocates; on a GPU, CUDA and cuDNN set up, many times a warm run's time), so the
+        prices start from the warm runs that follow (FaceModel.warm_up)."""
+        fresh = StepCost(self.stall_window, self.clock)
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
 
     def expected_steps(self, seq: Sequence) -> int:
         if seq.forced is None and seq.stop_id is not None:

@@ -347,10 +347,19 @@ def test_the_cost_model_prices_work_from_any_engine_call(tiny_model_dir):
 
 
 def test_a_warmed_up_model_prices_its_first_requests(tiny_model_dir):
+    """Priced from the warm-up's second round only: its first one is cold."""
     m = _load(tiny_model_dir)
     cost = m.scheduler.cost
+    events: list[StepEvent] = []
+    m.engine.observers.append(events.append)
     assert m.warm_up() > 0
-    assert cost.encode_per_image > 0 and cost.draw_per_image > 0 and cost.text_tokens > 0
+    m.engine.observers.remove(events.append)
+    encodes, draws = ([e for e in events if e.kind == kind] for kind in ("encode", "draw"))
+    assert len(encodes) == len(draws) == 2  # a caption and a drawing, twice
+    assert cost.encode_per_image == encodes[1].seconds / encodes[1].rows
+    assert cost.draw_per_image == draws[1].seconds / draws[1].rows
+    texts = [e for e in events if e.kind == "text"]
+    assert cost.text_tokens == texts[-1].tokens and len(texts) == 2
     assert cost.prefill_seconds(50) > 0 and cost.decode_seconds(0, 1) > 0
     # the first drawing's face alone takes longer than this deadline: refused at once
     with pytest.raises(DeadlineExceeded, match="needs about"):
