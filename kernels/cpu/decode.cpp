@@ -872,6 +872,16 @@ __attribute__((target("avx512f"))) void weighted_values_avx512(const float* p, c
   }
 }
 
+// softmax(q K^T / sqrt(D)) V for D a multiple of 16, keys and values float or kv_half.
+template <typename KV>
+__attribute__((target("avx512f"))) void attend_avx512(const float* q, const KV* keys,
+                                                      const KV* values, int T, int D,
+                                                      float* scores, float* out) {
+  scores_avx512(q, keys, T, D, std::sqrt(float(D)), scores);
+  float top = -INFINITY;
+  for (int t = 0; t < T; t++) top = std::max(top, scores[t]);
+  weighted_values_avx512(scores, values, T, D, softmax_exp(scores, T, top), out);
+}
 #pragma GCC diagnostic pop
 
 bool has_avx512() {
@@ -899,16 +909,10 @@ inline void store_kv(const float* x, int64_t n, kv_half* out) {
 // The code path depends on the CPU and D only, never on the batch.
 void attend(const float* q, const float* keys, const float* values, int T, int D, float* scores,
             float* out) {
-  const float root = std::sqrt(float(D));
 #if FACERT_X86
-  if (D % 16 == 0 && has_avx512()) {
-    scores_avx512(q, keys, T, D, root, scores);
-    float top = -INFINITY;
-    for (int t = 0; t < T; t++) top = std::max(top, scores[t]);
-    weighted_values_avx512(scores, values, T, D, softmax_exp(scores, T, top), out);
-    return;
-  }
+  if (D % 16 == 0 && has_avx512()) return attend_avx512(q, keys, values, T, D, scores, out);
 #endif
+  const float root = std::sqrt(float(D));
   const int T4 = (T + 3) & ~3;  // keys past T: the cache's next positions or zero padding
   float top = -INFINITY;
   for (int t = 0; t < T4; t += 4) {
@@ -930,14 +934,8 @@ void attend(const float* q, const float* keys, const float* values, int T, int D
 void attend(const float* q, const kv_half* keys, const kv_half* values, int T, int D,
             float* scores, float* out) {
 #if FACERT_X86
-  if (D % 16 == 0 && has_avx512() && product_isa() == kAvx512) {
-    const float root = std::sqrt(float(D));
-    scores_avx512(q, keys, T, D, root, scores);
-    float top = -INFINITY;
-    for (int t = 0; t < T; t++) top = std::max(top, scores[t]);
-    weighted_values_avx512(scores, values, T, D, softmax_exp(scores, T, top), out);
-    return;
-  }
+  if (D % 16 == 0 && has_avx512() && product_isa() == kAvx512)
+    return attend_avx512(q, keys, values, T, D, scores, out);
 #endif
   thread_local std::vector<float> k_buf, v_buf;
   const int64_t n = int64_t(T) * D;
