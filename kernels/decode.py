@@ -292,11 +292,7 @@ class FusedDecoder:
     def _half_cache(k_cache: np.ndarray, v_cache: np.ndarray) -> int:
         """1 for a float16 cache, 0 for float32; anything else is refused."""
         for kv in (k_cache, v_cache):
-            if (
-                kv.dtype not in (np.float32, np.float16)
-                or not kv.flags.c_contiguous
-                or kv.ndim != 5
-            ):
+            if kv.dtype not in CACHE_DTYPES.values() or not kv.flags.c_contiguous or kv.ndim != 5:
                 raise ValueError(
                     "the KV cache must be C-contiguous float32 or float16 (L, S, H, M, D)"
                 )

@@ -183,8 +183,9 @@ class FaceModel:
         listens."""
         start = time.monotonic()
         size = self.config.vqgan.resolution
+        grey = np.full((size, size, 3), 128, np.uint8)
         for cold in (True, False):
-            self.caption(np.full((size, size, 3), 128, np.uint8))
+            self.caption(grey)
             self.image_tokenizer.decode(self._blank_codes()[None])  # (1, T)
             if cold:
                 self.scheduler.cost.forget()

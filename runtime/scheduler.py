@@ -142,6 +142,11 @@ class StepCost:
         for f in fields(self):
             setattr(self, f.name, getattr(fresh, f.name))
 
+    def start_seconds(self, req: Request, seqs: list[Sequence]) -> float:
+        """Starting `seqs` of `req`: their prompts, and its images if it still encodes them."""
+        encode = req.images * self.encode_per_image if req.prepare else 0.0
+        return self.prefill_seconds(prompt_tokens(seqs)) + encode
+
     def expected_steps(self, seq: Sequence) -> int:
         if seq.forced is None and seq.stop_id is not None:
             expected = math.ceil(self.text_tokens or EXPECTED_TEXT_TOKENS) - len(seq.generated)
@@ -262,8 +267,7 @@ class Scheduler:
         for r in order:  # prompts (and images) taken by the step running now: not drawn yet
             taken = [s for s in r.seqs[: r.started] if not s.generated]
             if taken:
-                clock += cost.prefill_seconds(prompt_tokens(taken))
-                clock += (r.images * cost.encode_per_image) if r.prepare else 0.0
+                clock += cost.start_seconds(r, taken)
         done = {}
         for r in order:
             if not rows_left[r]:
@@ -276,8 +280,7 @@ class Scheduler:
                 if free <= reserve:
                     continue
                 if s is r.waiting[0]:  # the request starts: its prompts and images first
-                    clock += cost.prefill_seconds(prompt_tokens(r.waiting))
-                    clock += (r.images * cost.encode_per_image) if r.prepare else 0.0
+                    clock += cost.start_seconds(r, r.waiting)
                 running.append([cost.expected_steps(s), s.writes_text, r])
                 waiting.remove((r, s))
                 free -= 1

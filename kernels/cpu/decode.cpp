@@ -226,7 +226,7 @@ T* scratch(std::vector<T>& buffer, int64_t n) {
 // portable C++. The level changes only the products (every pair's arithmetic is the same on all
 // three), so tests on one machine can run the others; the per-row operations (LayerNorm,
 // softmax, GELU, attention) take the best the CPU has. A half KV cache's conversions follow the
-// level too (AVX-512, F16C, or C++), all exact or rounded to nearest, so the same bits.
+// level too (F16C from AVX2 up, else C++), all exact or rounded to nearest, so the same bits.
 
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -777,13 +777,6 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 load16(const kv_
 }
 
 // Rounded to nearest (ties to even), as kv_half(x) rounds: the same bits on every level.
-__attribute__((target("avx512f"))) void halves_avx512(const float* x, int64_t n, kv_half* out) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
-                        _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
-  halves(x + i, n - i, out + i);
-}
 __attribute__((target("avx,f16c"))) void halves_f16c(const float* x, int64_t n, kv_half* out) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -898,11 +891,17 @@ bool has_f16c() {
 inline void store_kv(const float* x, int64_t n, float* out) { std::copy_n(x, n, out); }
 inline void store_kv(const float* x, int64_t n, kv_half* out) {
 #if FACERT_X86
-  const int isa = product_isa();
-  if (isa == kAvx512 && has_avx512()) return halves_avx512(x, n, out);
-  if (isa >= kAvx2 && has_f16c()) return halves_f16c(x, n, out);
+  if (product_isa() >= kAvx2 && has_f16c()) return halves_f16c(x, n, out);
 #endif
   halves(x, n, out);
+}
+
+// Half keys/values (n,) as floats, exactly.
+inline void widen_kv(const kv_half* x, int64_t n, float* out) {
+#if FACERT_X86
+  if (product_isa() >= kAvx2 && has_f16c()) return widen_f16c(x, n, out);
+#endif
+  widen(x, n, out);
 }
 
 // One query against T cached positions of one head: softmax(q K^T / sqrt(D)) V -> out (D,).
@@ -941,15 +940,8 @@ void attend(const float* q, const kv_half* keys, const kv_half* values, int T, i
   const int64_t n = int64_t(T) * D;
   float* k = scratch(k_buf, n);
   float* v = scratch(v_buf, n);
-#if FACERT_X86
-  if (product_isa() >= kAvx2 && has_f16c()) {
-    widen_f16c(keys, n, k);
-    widen_f16c(values, n, v);
-    return attend(q, k, v, T, D, scores, out);
-  }
-#endif
-  widen(keys, n, k);
-  widen(values, n, v);
+  widen_kv(keys, n, k);
+  widen_kv(values, n, v);
   attend(q, k, v, T, D, scores, out);
 }
 
