@@ -16,7 +16,9 @@ No threads and no execution here (the worker runs steps, the engine executes the
 from __future__ import annotations
 
 import bisect
+import collections
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -57,20 +59,66 @@ class LinearFit:
         return max(0.0, float(theta @ np.array([1.0, *x])))
 
 
-# the share of the finisher's time that the engine loses while both run (two threads of work
-# on the same cores: each at about half speed)
-FINISHER_CONTENTION = 0.5
+# While the finisher makes a result and the engine runs (two threads of work on the same cores),
+# each goes at about this share of its speed alone.
+SHARED_SPEED = 0.5
+
+# the engine thread's calls (the finisher's are "draw")
+ENGINE_CALLS = ("prefill", "decode", "encode")
+
+
+class BusySpans:
+    """When one thread of work was busy lately (spans of the last `keep` seconds, and one still
+    open), so that another thread's call can tell how long it shared the cores. Calls less than
+    `gap` apart make one span: the thread's own code ran between them. Any thread may add or
+    ask."""
+
+    def __init__(self, keep: float = 300.0, gap: float = 0.01):
+        self.keep, self.gap = keep, gap
+        self._spans: collections.deque[tuple[float, float]] = collections.deque()
+        self._open: float | None = None  # the start of the span still going on
+        self._lock = threading.Lock()
+
+    def add(self, start: float, end: float) -> None:
+        with self._lock:
+            if self._spans and start <= self._spans[-1][1] + self.gap:  # continues the last span
+                start = min(start, self._spans[-1][0])
+                end = max(end, self._spans.pop()[1])
+            self._spans.append((start, end))
+            while self._spans[0][1] < end - self.keep:
+                self._spans.popleft()
+
+    def begin(self, now: float) -> None:
+        self._open = now
+
+    def end(self, now: float) -> float:
+        """Close the open span; returns its seconds."""
+        start, self._open = self._open, None
+        if start is None:
+            return 0.0
+        self.add(start, now)
+        return now - start
+
+    def overlap(self, start: float, end: float) -> float:
+        """Seconds of [start, end] this thread was busy."""
+        with self._lock:
+            spans = list(self._spans)
+            if self._open is not None:
+                spans.append((self._open, end))
+        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in spans)
 
 
 @dataclass
 class StepCost:
-    """Seconds the engine's work takes, learnt online: a decode step by its rows, a prefill
-    call by the prompt tokens it computes (copying a cached prefix and the text head cost
-    something even when few tokens are new), the VQGAN per image encoded (before a request
-    starts) and drawn (making a drawing's result); how long free text runs; the share of wall
-    time (idle time included) that prompts, encoding and the finisher took in the last
+    """Seconds the engine's work takes with the cores to itself, learnt online: a decode step by
+    its rows, a prefill call by the prompt tokens it computes (copying a cached prefix and the
+    text head cost something even when few tokens are new), the VQGAN per image encoded (before
+    a request starts) and drawn (making a drawing's result); how long free text runs; the share
+    of wall time (idle time included) that prompts, encoding and the finisher took in the last
     `stall_window` seconds (`stall_share`): they stall every running row, and arrivals to come
-    will take as much again."""
+    will take as much again. A call that shared the cores with the other thread (a step while
+    the finisher drew, a face drawn beside steps) took longer than it would alone: it is priced
+    at its time alone, and `Scheduler.predict` plays the sharing forward."""
 
     stall_window: float = 10.0  # seconds: the time constant of `stall_share`
     clock: Callable[[], float] = time.monotonic
@@ -81,6 +129,8 @@ class StepCost:
     encode_per_image: float = 0.0
     draw_per_image: float = 0.0
     text_tokens: float = 0.0  # a free-text row's mean length (0: none seen yet)
+    engine_busy: BusySpans = field(default_factory=BusySpans)  # the engine thread's calls
+    finisher_busy: BusySpans = field(default_factory=BusySpans)  # the finisher making results
     _seen: dict[str, int] = field(default_factory=dict)  # values each running mean has seen
     _stalled: float = 0.0  # stalled seconds, each decayed by its age
     _at: float | None = None  # when _stalled was last decayed
@@ -89,16 +139,22 @@ class StepCost:
         """The engine's hook: every prefill, decode and image call, whoever ran it (the
         scheduler's steps and results, `Engine.run`, a direct `image_tokenizer` call), prices
         the next ones."""
-        if event.kind == "prefill":
-            self.prefill_seconds.observe(event.seconds, event.tokens)
-        elif event.kind == "decode":
-            self.decode_seconds.observe(event.seconds, event.rows - event.text_rows,
-                                        event.text_rows)  # fmt: skip
-        elif event.kind == "text":
+        if event.kind == "text":
             self._follow("text_tokens", event.tokens)
+            return
+        now = self.clock()
+        start = now - event.seconds
+        other = self.engine_busy if event.kind == "draw" else self.finisher_busy
+        alone = event.seconds - (1 - SHARED_SPEED) * other.overlap(start, now)
+        if event.kind in ENGINE_CALLS:
+            self.engine_busy.add(start, now)
+        if event.kind == "prefill":
+            self.prefill_seconds.observe(alone, event.tokens)
+        elif event.kind == "decode":
+            self.decode_seconds.observe(alone, event.rows - event.text_rows, event.text_rows)
         elif event.kind in ("encode", "draw") and event.rows:
             name = "encode_per_image" if event.kind == "encode" else "draw_per_image"
-            self._follow(name, event.seconds / event.rows)
+            self._follow(name, alone / event.rows)
 
     def _follow(self, name: str, value: float) -> None:
         """Running mean `name` takes `value`: the plain mean of its first ten values (a graph's
@@ -108,15 +164,20 @@ class StepCost:
         weight = max(1 / n, 0.1)
         setattr(self, name, (1 - weight) * getattr(self, name) + weight * value)
 
-    def observe_finish(self, seconds: float) -> None:
-        """Making a result took `seconds` on the finisher thread, on the cores the engine
-        uses: the engine lost FINISHER_CONTENTION of it."""
-        self.observe_stall(seconds * FINISHER_CONTENTION)
+    def finisher_started(self) -> None:
+        """The finisher thread starts making a result."""
+        self.finisher_busy.begin(self.clock())
 
-    def finish_estimate(self, req: Request) -> float:
-        """Seconds the finisher will take to make `req`'s result: the faces it draws (the rest,
-        turning tokens into words or answers, is next to nothing)."""
-        return req.draws * self.draw_per_image
+    def finisher_stopped(self) -> None:
+        """It is done: the engine lost (1 - SHARED_SPEED) of that time (a stall)."""
+        self.observe_stall((1 - SHARED_SPEED) * self.finisher_busy.end(self.clock()))
+
+    def finish_estimate(self, req: Request, beside_engine: bool = False) -> float:
+        """Seconds the finisher takes to make `req`'s result: the faces it draws (the rest,
+        turning tokens into words or answers, is next to nothing); at SHARED_SPEED if the
+        engine runs all along beside it."""
+        alone = req.draws * self.draw_per_image
+        return alone / SHARED_SPEED if beside_engine else alone
 
     def observe_stall(self, seconds: float) -> None:
         """The engine's rows waited `seconds` (prompts and encoding, or the finisher)."""
@@ -162,6 +223,57 @@ def prompt_tokens(seqs: list[Sequence]) -> int:
     rests = {s.prompt_ids.tobytes(): len(s.prompt_ids) - s.shared_prefix for s in shared}
     alone = sum(len(s.prompt_ids) for s in seqs if not s.shared_prefix)
     return sum(prefixes.values()) + sum(rests.values()) + alone
+
+
+class SharedCores:
+    """The engine and the finisher played forward on the cores they share: the finisher makes
+    one result at a time, the most urgent of those ready (`owed`: handed to it already), each
+    in its time alone while the engine has nothing to do; while both work, each goes at
+    SHARED_SPEED."""
+
+    def __init__(self, cost: StepCost, owed: list[Request]):
+        self.cost, self.clock = cost, 0.0
+        self.ready_results = sorted(owed, key=Request.sort_key)  # rows done, result not started
+        self.making: Request | None = None
+        self.left = 0.0  # seconds alone that `making` still needs
+        self.made: dict[Request, float] = {}
+
+    def ready(self, req: Request) -> None:
+        """`req`'s rows are done now: the finisher may make its result."""
+        bisect.insort(self.ready_results, req, key=Request.sort_key)
+
+    def engine(self, seconds: float) -> None:
+        """The engine does work that takes `seconds` alone."""
+        while seconds > 0 and self._finisher_works():
+            shared = min(seconds, self.left)  # seconds alone each does beside the other
+            self.clock += shared / SHARED_SPEED
+            seconds -= shared
+            self._finisher_did(shared)
+        self.clock += seconds
+
+    def drain(self) -> dict[Request, float]:
+        """The engine is done: the finisher goes on alone. Returns when each result is made."""
+        while self._finisher_works():
+            self.clock += self.left
+            self._finisher_did(self.left)
+        return self.made
+
+    def _finisher_works(self) -> bool:
+        """Is the finisher making a result (starting the next one if it was idle)?"""
+        while self.making is None and self.ready_results:
+            req = self.ready_results.pop(0)
+            self.left = self.cost.finish_estimate(req)
+            if self.left > 0:
+                self.making = req
+            else:
+                self.made[req] = self.clock
+        return self.making is not None
+
+    def _finisher_did(self, seconds: float) -> None:
+        self.left -= seconds
+        if self.left <= 1e-12:
+            self.made[self.making] = self.clock
+            self.making = None
 
 
 @dataclass
@@ -250,11 +362,10 @@ class Scheduler:
         forward with the cost model: rows start in admission order as slots free up (each
         request's prompts and encoding stall every running row when it starts, as do those the
         step running now has taken and not yet computed), every decode step is priced at the
-        rows running then, and making the result follows its last row.
-        The finisher shares the cores: while it makes a result (those it owes now, and each one
-        whose rows are done) the engine runs at about half speed, so the steps after it lose
-        half that time. Decode steps are stretched by the share of time that prompts took
-        lately (`stall_share`): requests yet to arrive will stall them again."""
+        rows running then, and the finisher makes each result once its rows are done, sharing
+        the cores with the engine (`SharedCores`). Decode steps are stretched by the share of
+        time that prompts took lately (`stall_share`): requests yet to arrive will stall them
+        again."""
         cost = self.cost
         order = sorted(reqs, key=Request.sort_key)
         running = [[cost.expected_steps(s), s.writes_text, r]
@@ -263,15 +374,13 @@ class Scheduler:
         rows_left = {r: sum(1 for s in r.seqs if not s.done) for r in order}
         free = self.pool.num_slots - len(running)
         stretch = 1.0 / (1.0 - min(cost.stall_share, 0.9))
-        clock = FINISHER_CONTENTION * sum(cost.finish_estimate(r) for r in self.finishing)
-        for r in order:  # prompts (and images) taken by the step running now: not drawn yet
-            taken = [s for s in r.seqs[: r.started] if not s.generated]
-            if taken:
-                clock += cost.start_seconds(r, taken)
-        done = {}
+        cores = SharedCores(cost, self.finishing)
         for r in order:
+            taken = [s for s in r.seqs[: r.started] if not s.generated]
+            if taken:  # prompts (and images) taken by the step running now: not computed yet
+                cores.engine(cost.start_seconds(r, taken))
             if not rows_left[r]:
-                done[r] = 0.0
+                cores.ready(r)
         while running or waiting:
             for r, s in list(waiting):
                 if free <= 0:
@@ -280,7 +389,7 @@ class Scheduler:
                 if free <= reserve:
                     continue
                 if s is r.waiting[0]:  # the request starts: its prompts and images first
-                    clock += cost.start_seconds(r, r.waiting)
+                    cores.engine(cost.start_seconds(r, r.waiting))
                 running.append([cost.expected_steps(s), s.writes_text, r])
                 waiting.remove((r, s))
                 free -= 1
@@ -288,36 +397,17 @@ class Scheduler:
                 break
             steps = min(row[0] for row in running)
             text = sum(1 for row in running if row[1])
-            clock += steps * cost.decode_seconds(len(running) - text, text) * stretch
+            cores.engine(steps * cost.decode_seconds(len(running) - text, text) * stretch)
             for row in running:
                 row[0] -= steps
             for row in [row for row in running if row[0] <= 0]:
                 running.remove(row)
                 free += 1
-                r = row[2]
-                rows_left[r] -= 1
-                if not rows_left[r]:
-                    done[r] = clock
-                    clock += FINISHER_CONTENTION * cost.finish_estimate(r)
-        finish = self._results_made(done)
-        return {r: finish.get(r, math.inf) for r in reqs}
-
-    def _results_made(self, done: dict[Request, float]) -> dict[Request, float]:
-        """When each result is made, given when its rows are done: one finisher, which makes
-        the most urgent ready result first, and owes the ones handed to it already."""
-        ready = [(0.0, r) for r in self.finishing] + sorted(
-            ((t, r) for r, t in done.items()), key=lambda x: x[0]
-        )
-        free, made, waiting = 0.0, {}, []
-        while ready or waiting:
-            while ready and (ready[0][0] <= free or not waiting):
-                t, r = ready.pop(0)
-                free = max(free, t) if not waiting else free
-                bisect.insort(waiting, r, key=Request.sort_key)
-            r = waiting.pop(0)
-            free += self.cost.finish_estimate(r)
-            made[r] = free
-        return made
+                rows_left[row[2]] -= 1
+                if not rows_left[row[2]]:
+                    cores.ready(row[2])
+        made = cores.drain()
+        return {r: made.get(r, math.inf) for r in reqs}
 
     # -- the worker's side ------------------------------------------------------------------
 

@@ -297,24 +297,24 @@ class Worker:
         try:
             if req.deadline is not None:
                 with self._cv:
-                    making = self.scheduler.cost.finish_estimate(req)
+                    busy = self.scheduler.has_work()  # the engine runs beside it
+                    making = self.scheduler.cost.finish_estimate(req, beside_engine=busy)
                 if start + making > req.deadline:
                     self._fail_expired(req, start, making)
                     return
             if not req.future.set_running_or_notify_cancel():
                 return
+            self.scheduler.cost.finisher_started()
             try:
                 result = req.finish(req.seqs)
             except BaseException as e:
                 req.future.set_exception(e)
                 return
             req.future.set_result(result)  # its callbacks run here, e.g. drawing the faces
-            now = time.monotonic()
-            self.metrics.observe("request_seconds", now - req.arrival, req.task)
-            with self._cv:
-                self.scheduler.cost.observe_finish(now - start)
+            self.metrics.observe("request_seconds", time.monotonic() - req.arrival, req.task)
         finally:
             with self._cv:
+                self.scheduler.cost.finisher_stopped()
                 self.scheduler.finished(req)
                 self._finishing -= 1
                 self._cv.notify()

@@ -22,7 +22,7 @@ from facert.runtime.errors import (
 from facert.runtime.kv_cache import PrefixCache, SlotPool
 from facert.runtime.memory import MAX_SLOTS
 from facert.runtime.request import Request
-from facert.runtime.scheduler import LinearFit, Scheduler, StepCost
+from facert.runtime.scheduler import SHARED_SPEED, LinearFit, Scheduler, StepCost
 from facert.runtime.sequence import GREEDY, SamplingParams, Sequence
 
 TEXT = "a smiling woman with glasses"
@@ -145,11 +145,20 @@ def test_queue_order_is_priority_then_deadline_then_arrival():
 
 
 def test_admission_prices_a_request_from_the_steps_it_saw():
+    now = [0.0]
     s = Scheduler(PrefixCache(SlotPool(4, 16), 0))
-    s.cost.observe(StepEvent("decode", rows=1, tokens=1, seconds=0.1, text_rows=1))
-    s.cost.observe(StepEvent("prefill", rows=1, tokens=2, seconds=0.1))
-    s.cost.observe(StepEvent("draw", rows=2, tokens=0, seconds=0.6))
-    s.cost.observe_finish(0.6)
+    s.cost.clock = lambda: now[0]
+
+    def call(kind: str, seconds: float, **counts) -> None:  # one engine or finisher call
+        now[0] += seconds
+        s.cost.observe(StepEvent(kind, seconds=seconds, **counts))
+
+    call("decode", 0.1, rows=1, tokens=1, text_rows=1)
+    call("prefill", 0.1, rows=1, tokens=2)
+    now[0] += 1.0
+    s.cost.finisher_started()  # a result: two faces drawn while the engine idles
+    call("draw", 0.6, rows=2, tokens=0)
+    s.cost.finisher_stopped()
 
     def request(deadline):  # an analysis, whose result redraws the face for its reading
         seq = Sequence(np.array([1, 2]), np.array([1, 1]), (0, 10), max_new_tokens=10)
@@ -158,7 +167,7 @@ def test_admission_prices_a_request_from_the_steps_it_saw():
     # 10 steps of 0.1 s, a 0.1 s prompt and 0.3 s to draw its one face: 1.4 s, once the
     # finisher's share of the cores (half its 0.6 s) has faded from the recent past
     assert s.estimate_seconds(request(None)) > 1.4
-    s.cost.clock = lambda: time.monotonic() + 1e4
+    now[0] += 1e4
     assert s.estimate_seconds(request(None)) == pytest.approx(1.4)
     s.admit(request(1.5), now=0.0)
     with pytest.raises(DeadlineExceeded, match="needs about"):
@@ -255,23 +264,63 @@ def test_results_are_made_most_urgent_first_after_the_finishers_backlog():
     done = 0.2 + 2 * 0.2  # both prompts, then two steps of two rows
     assert got[question] == pytest.approx(done + 0.1)  # its answer before the drawing's faces
     assert got[drawing] == pytest.approx(done + 0.1 + 1.0)
-    s.finishing.append(_drawing(1, draws=10))  # ten faces the finisher is still drawing
-    assert s.predict([question])[question] == pytest.approx(1.0 + 0.1)
+    s.finishing.append(_drawing(1, draws=10))  # ten faces (1 s alone) the finisher owes
+    # the question's 0.3 s of prompt and steps share the cores with them: done at 0.6 s, when
+    # 0.7 s of faces are left; then its own face
+    assert s.predict([question])[question] == pytest.approx(0.6 + 0.7 + 0.1)
 
 
-def test_the_finisher_slows_the_steps_that_run_beside_it():
+def test_the_finisher_and_the_engine_share_the_cores():
     s = _priced_scheduler()
     s.cost.draw_per_image = 1.0
     short, long = _drawing(2), _drawing(10)
     s.admit(short, now=0.0)
     s.admit(long, now=0.0)
     got = s.predict(s.requests())
-    # prompts 0.2 s, two steps of two rows 0.4 s: the short one's rows are done at 0.6 s; its
-    # face (1 s on the finisher) costs the engine 0.5 s; then 8 steps of one row
-    assert got[short] == pytest.approx(0.6 + 1.0)
-    assert got[long] == pytest.approx(0.6 + 0.5 + 0.8 + 1.0)
-    s.finishing.append(_drawing(1))  # a face still being drawn delays every step to come
-    assert s.predict([long])[long] == pytest.approx(0.5 + 0.1 + 10 * 0.1 + 1.0)
+    # prompts 0.2 s, two steps of two rows 0.4 s: the short one's rows are done at 0.6 s; then
+    # its face (1 s alone) and the long one's 8 steps of one row (0.8 s alone) share the cores,
+    # each at half speed: the rows are done at 0.6 + 1.6 s, the face 0.2 s later, and the long
+    # one's face is drawn alone after it
+    assert got[short] == pytest.approx(0.6 + 1.6 + 0.2)
+    assert got[long] == pytest.approx(0.6 + 1.6 + 0.2 + 1.0)
+    s.finishing.append(_drawing(1))  # a face still to draw delays the steps beside it
+    # the long one's prompt and 10 steps (1.1 s alone) beside the face (1 s): the face is done
+    # at 2.0 s, the rows at 2.1 s
+    assert s.predict([long])[long] == pytest.approx(2.1 + 1.0)
+
+
+def test_a_call_that_shared_the_cores_is_priced_at_its_time_alone():
+    """A face drawn while the engine ran took longer than alone, and so did a step taken while
+    the finisher drew: each price is the call's time alone, so the forward play (which shares
+    the cores itself) does not count the sharing twice."""
+    now = [0.0]
+    cost = StepCost(clock=lambda: now[0])
+
+    def call(kind: str, seconds: float, rows: int = 1) -> None:
+        now[0] += seconds
+        cost.observe(StepEvent(kind, rows=rows, tokens=rows, seconds=seconds))
+
+    cost.finisher_started()
+    for _ in range(10):  # 2 s of steps, all beside the finisher
+        call("decode", 0.2)
+    cost.finisher_stopped()
+    assert cost.decode_seconds(1, 0) == pytest.approx(0.1)
+    call("decode", 0.1)  # alone
+    assert cost.decode_seconds(1, 0) == pytest.approx(0.1)
+    start = now[0]
+    for _ in range(10):  # 1 s of steps...
+        call("decode", 0.1)
+    now[0] = start
+    call("draw", 1.6, rows=2)  # ...beside a 1.6 s drawing of two faces: 1.1 s alone
+    assert cost.draw_per_image == pytest.approx(1.1 / 2)
+    now[0] += 60
+    call("draw", 1.2, rows=2)  # alone
+    assert cost.draw_per_image == pytest.approx((1.1 + 1.2) / 4)
+    started = _drawing(1, draws=3)
+    assert cost.finish_estimate(started) == pytest.approx(3 * cost.draw_per_image)
+    assert cost.finish_estimate(started, beside_engine=True) == pytest.approx(
+        3 * cost.draw_per_image / SHARED_SPEED
+    )
 
 
 def test_step_prices_keep_their_slopes_through_a_spell_of_one_batch_size():
