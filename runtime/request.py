@@ -31,6 +31,9 @@ class Request:
     finish: Callable[[list[Sequence]], Any]  # completed sequences -> the caller's result
     priority: int = PRIORITY_ANALYSIS
     deadline: float | None = None  # time.monotonic() by which the result is due
+    # what admission promised: the result predicted by then (the deadline less a headroom for
+    # the cost model's error; set when it is admitted)
+    due: float | None = None
     on_token: Callable[[int, int], None] | None = None  # (sequence index, token id), streaming
     # Work the engine thread does just before the first prefill: encode the request's images
     # (`images` of them) and write their codes into its prompts. Admission never waits for it.

@@ -3,9 +3,10 @@
 No threads and no execution here (the worker runs steps, the engine executes them). The rules:
 - a bounded queue: past `max_queue` waiting requests a new one is refused at once with
   FacertOverloaded and an estimate of when to retry, never an unbounded backlog;
-- deadlines: a request the cost model says cannot finish in time is refused at admission, and
-  so is one whose work would delay an admitted request past its deadline (admission is a
-  promise); one that runs past its deadline is dropped and its slots freed;
+- deadlines: a request the cost model says cannot finish in time (with `headroom` of its time
+  kept for the model's error) is refused at admission, and so is one whose work would push an
+  admitted request past that line (admission is a promise); one that runs past its deadline
+  is dropped and its slots freed;
 - priorities: lower first (analysis before drawing by default), then earliest deadline, then
   arrival; `reserved_slots` slots are kept for the most urgent priority, so a kiosk's question
   never waits behind a 256-token drawing that filled the cache;
@@ -62,6 +63,11 @@ class LinearFit:
 # While the finisher makes a result and the engine runs (two threads of work on the same cores),
 # each goes at about this share of its speed alone.
 SHARED_SPEED = 0.5
+
+# The share of a deadline's time that admission keeps in reserve for the cost model's error: a
+# request is admitted only if predicted to finish that much before its deadline, and later
+# arrivals may not push it past that line.
+DEADLINE_HEADROOM = 0.1
 
 # the engine thread's calls (the finisher's are "draw")
 ENGINE_CALLS = ("prefill", "decode", "encode")
@@ -295,11 +301,13 @@ class Scheduler:
         max_queue: int = 256,
         prefill_budget: int = 1024,
         reserved_slots: int | None = None,
+        headroom: float = DEADLINE_HEADROOM,
     ):
         """prefixes: the engine's prefix cache, whose slots the scheduler takes back when a
         sequence needs one."""
         self.prefixes, self.pool = prefixes, prefixes.pool
         self.max_queue, self.prefill_budget = max_queue, prefill_budget
+        self.headroom = headroom
         self.reserved_slots = self.pool.num_slots // 4 if reserved_slots is None else reserved_slots
         self.queue: list[Request] = []  # requests with sequences not started, in admission order
         self.active: list[Request] = []  # requests with at least one sequence started
@@ -328,18 +336,21 @@ class Scheduler:
                 retry_after=retry,
             )
         admitted = self.requests()
-        promised = [r for r in admitted if r.deadline is not None]
-        if checks and (req.deadline is not None or promised):
+        promised = [r for r in admitted if r.due is not None]
+        if req.deadline is not None:
+            req.due = req.deadline - self.headroom * max(0.0, req.deadline - now)
+        if checks and (req.due is not None or promised):
             after = self.predict([*admitted, req])
-            if req.deadline is not None and now + after[req] > req.deadline:
+            if req.due is not None and now + after[req] > req.due:
                 raise DeadlineExceeded(
                     f"this {req.task} request needs about {after[req]:.2f} s at the current "
-                    f"load, more than its deadline allows ({req.deadline - now:.2f} s)"
+                    f"load, more than its deadline allows ({req.deadline - now:.2f} s, less "
+                    f"{self.headroom:.0%} kept for the estimate's error)"
                 )
             before = self.predict(admitted) if promised else {}
             # late, or later still: while an admitted request runs late, nothing may slow it
             broken = [r for r in promised
-                      if now + after[r] > r.deadline and after[r] > before[r] + 1e-6]  # fmt: skip
+                      if now + after[r] > r.due and after[r] > before[r] + 1e-6]  # fmt: skip
             if broken:
                 retry = max(0.05, min(before[r] for r in broken))
                 raise FacertOverloaded(
