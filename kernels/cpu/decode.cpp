@@ -37,6 +37,7 @@
 #include <mutex>
 #include <new>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -745,13 +746,11 @@ void dot4(const float* keys, const float* q, int D, float* out) {
   }
 }
 
-// out (D,) = sum_t p[t] values[t] / total.
+// out (D,) += sum_t p[t] values[t], t in order.
 FACERT_CLONES
-void weighted_values(const float* p, const float* values, int T, int D, float total, float* out) {
-  std::fill_n(out, D, 0.0f);
+void add_weighted_values(const float* p, const float* values, int T, int D, float* out) {
   for (int t = 0; t < T; t++)
     for (int d = 0; d < D; d++) out[d] += p[t] * values[int64_t(t) * D + d];
-  for (int d = 0; d < D; d++) out[d] /= total;
 }
 
 // Half <-> float in C++ (GCC converts _Float16 one value at a time): the portable level.
@@ -904,45 +903,54 @@ inline void widen_kv(const kv_half* x, int64_t n, float* out) {
   widen(x, n, out);
 }
 
-// One query against T cached positions of one head: softmax(q K^T / sqrt(D)) V -> out (D,).
-// The code path depends on the CPU and D only, never on the batch.
-void attend(const float* q, const float* keys, const float* values, int T, int D, float* scores,
-            float* out) {
-#if FACERT_X86
-  if (D % 16 == 0 && has_avx512()) return attend_avx512(q, keys, values, T, D, scores, out);
-#endif
-  const float root = std::sqrt(float(D));
-  const int T4 = (T + 3) & ~3;  // keys past T: the cache's next positions or zero padding
-  float top = -INFINITY;
-  for (int t = 0; t < T4; t += 4) {
-    if (t + 4 <= T) {
-      dot4(keys + int64_t(t) * D, q, D, scores + t);
-    } else {  // the last 1-3 keys, through a copy so nothing past the cache is read
-      float tail[4 * 256] = {};
-      std::copy_n(keys + int64_t(t) * D, int64_t(T - t) * D, tail);
-      dot4(tail, q, D, scores + t);
-    }
-  }
-  for (int t = 0; t < T; t++) top = std::max(top, scores[t] /= root);
-  weighted_values(scores, values, T, D, softmax_exp(scores, T, top), out);
+// n keys or values of one head from the cache as floats: the float cache itself, or a half
+// cache's values widened (exactly) into `buf`.
+inline const float* as_floats(const float* x, int64_t, float*) { return x; }
+inline const float* as_floats(const kv_half* x, int64_t n, float* buf) {
+  widen_kv(x, n, buf);
+  return buf;
 }
 
-// The same over a half cache. AVX-512 widens each key/value in the register that uses it;
-// elsewhere the head's keys and values are widened first (F16C: 8 at a time), then attended as
-// floats: the same values in the same arithmetic, so the same bits either way.
-void attend(const float* q, const kv_half* keys, const kv_half* values, int T, int D,
-            float* scores, float* out) {
+// One query against T cached positions of one head: softmax(q K^T / sqrt(D)) V -> out (D,).
+// The code path depends on the CPU and D only, never on the batch. AVX-512 reads a half cache
+// in the registers that use its values; elsewhere a half cache is widened a block of positions
+// at a time (a block stays in L1) and attended as floats: the same values in the same
+// arithmetic, so the same bits either way.
+template <typename KV>
+void attend(const float* q, const KV* keys, const KV* values, int T, int D, float* scores,
+            float* out) {
+  constexpr bool kHalf = std::is_same_v<KV, kv_half>;
 #if FACERT_X86
-  if (D % 16 == 0 && has_avx512() && product_isa() == kAvx512)
+  if (D % 16 == 0 && has_avx512() && (!kHalf || product_isa() == kAvx512))
     return attend_avx512(q, keys, values, T, D, scores, out);
 #endif
-  thread_local std::vector<float> k_buf, v_buf;
-  const int64_t n = int64_t(T) * D;
-  float* k = scratch(k_buf, n);
-  float* v = scratch(v_buf, n);
-  widen_kv(keys, n, k);
-  widen_kv(values, n, v);
-  attend(q, k, v, T, D, scores, out);
+  const int block = std::max(4, (4096 / D) & ~3);  // positions at a time: 16 KB of floats
+  thread_local std::vector<float> widened;
+  float* buf = kHalf ? scratch(widened, int64_t(block) * D) : nullptr;
+  for (int t0 = 0; t0 < T; t0 += block) {
+    const int n = std::min(block, T - t0);
+    const float* k = as_floats(keys + int64_t(t0) * D, int64_t(n) * D, buf);
+    for (int t = 0; t < n; t += 4) {
+      if (t + 4 <= n) {
+        dot4(k + int64_t(t) * D, q, D, scores + t0 + t);
+      } else {  // the last 1-3 keys, through a copy so nothing past the cache is read
+        float tail[4 * 256] = {};
+        std::copy_n(k + int64_t(t) * D, int64_t(n - t) * D, tail);
+        dot4(tail, q, D, scores + t0 + t);
+      }
+    }
+  }
+  const float root = std::sqrt(float(D));
+  float top = -INFINITY;
+  for (int t = 0; t < T; t++) top = std::max(top, scores[t] /= root);
+  const float total = softmax_exp(scores, T, top);
+  std::fill_n(out, D, 0.0f);
+  for (int t0 = 0; t0 < T; t0 += block) {
+    const int n = std::min(block, T - t0);
+    add_weighted_values(scores + t0, as_floats(values + int64_t(t0) * D, int64_t(n) * D, buf), n,
+                        D, out);
+  }
+  for (int d = 0; d < D; d++) out[d] /= total;
 }
 
 // ---- prefill attention: one prompt, one head, every query at once ----
