@@ -46,18 +46,24 @@ class LinearFit:
         self.decay = decay
         self._zz = np.zeros((features + 1, features + 1))  # sum of z z^T, z = (1, x)
         self._zy = np.zeros(features + 1)  # sum of z y
+        self._theta: list[float] | None = None  # the fit, solved when first asked
 
     def observe(self, y: float, *x: float) -> None:
         z = np.array([1.0, *x])
         self._zz = self.decay * self._zz + np.outer(z, z)
         self._zy = self.decay * self._zy + z * y
+        self._theta = None
 
     def __call__(self, *x: float) -> float:
-        if self._zz[0, 0] == 0:
-            return 0.0
-        theta = np.linalg.lstsq(self._zz, self._zy, rcond=None)[0]  # min-norm if degenerate
-        theta[1:] = np.maximum(theta[1:], 0.0)
-        return max(0.0, float(theta @ np.array([1.0, *x])))
+        """Priced many times per admission (`Scheduler.predict`): the fit is solved once per
+        observation, and a price is a few float operations."""
+        theta = self._theta
+        if theta is None:
+            if self._zz[0, 0] == 0:
+                return 0.0
+            solved = np.linalg.lstsq(self._zz, self._zy, rcond=None)[0]  # min-norm if degenerate
+            theta = self._theta = [float(solved[0]), *(max(0.0, float(b)) for b in solved[1:])]
+        return max(0.0, theta[0] + sum(b * v for b, v in zip(theta[1:], x)))
 
 
 # While the finisher makes a result and the engine runs (two threads of work on the same cores),
