@@ -6,8 +6,10 @@ GroupQueryAttention over a preallocated KV buffer for decode (keys and values ar
 place at each row's position), SkipLayerNormalization for residual + LayerNorm, FastGelu.
 
 TencentPretrain's LayerNorm (unbiased std, eps added to the std) is expressed as a standard
-LayerNormalization with gamma scaled by sqrt((N-1)/N) and eps 1e-12; the difference is the eps
-placement only (measured in tests/test_onnxruntime.py against the exact torch model).
+LayerNormalization with gamma scaled by sqrt((N-1)/N) and the variance's eps that gives the same
+result for a constant row (`layer_norm_epsilon`: eps^2 (N-1)/N, about 1e-12 for its 1e-6); the
+difference is the eps placement only (measured in tests/test_onnxruntime.py against the exact
+torch model).
 
 Graphs (B rows, T prompt positions, C hidden, H heads, D head size, M cache capacity):
   lm_prefill   input_ids, segment_ids (B, T)  ->  hidden (B, T, C),
@@ -28,14 +30,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from facert.runtime.config import LMConfig, ModelConfig, VQGANConfig
+from facert.runtime.config import (
+    VQGAN_NORM_EPS,
+    VQGAN_NORM_GROUPS,
+    LMConfig,
+    ModelConfig,
+    VQGANConfig,
+)
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 IR_VERSION = 10  # what current ONNX Runtime releases read
 MASK_VALUE = -10000.0
 FLOAT, INT64, INT32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-LN_EPS = 1e-12
 
 
 class Graph:
@@ -88,6 +95,15 @@ class Graph:
 # ----------------------------------------------------------------------------- LM
 
 
+def layer_norm_epsilon(cfg: LMConfig) -> float:
+    """The eps of a standard LayerNormalization (added to the biased variance, gamma scaled by
+    _ln_gamma) that gives TencentPretrain's LayerNorm (eps added to the unbiased std) of the
+    config's eps for a row whose values are all equal; rows that vary differ by the eps' place
+    only."""
+    n = cfg.n_embd
+    return cfg.layernorm_eps**2 * (n - 1) / n
+
+
 def _ln_gamma(gamma: np.ndarray) -> np.ndarray:
     n = gamma.shape[0]
     return (gamma * np.float32(math.sqrt((n - 1) / n))).astype(np.float32)
@@ -131,7 +147,7 @@ def _window(cfg: LMConfig, head: str) -> tuple[int, int]:
 
 def _transformer(g: Graph, W: _LMWeights, x: str, attention, cfg: LMConfig) -> str:
     """Pre-LN blocks with residual adds fused into SkipLayerNormalization; returns ln_f(x)."""
-    eps = LN_EPS
+    eps = layer_norm_epsilon(cfg)
     a = g.op(
         "LayerNormalization",
         [x, W.get("blocks.0.ln_1.ln_weight"), W.get("blocks.0.ln_1.bias")],
@@ -308,15 +324,15 @@ class _VQ:
         )
 
     def norm(self, x: str, name: str) -> str:
-        """GroupNorm(32, eps 1e-6) as InstanceNormalization over (N, 32, C/32*H*W)."""
-        g = self.g
+        """taming's GroupNorm as InstanceNormalization over (N, groups, C/groups*H*W)."""
+        g, groups = self.g, VQGAN_NORM_GROUPS
         C = self.w[name + ".weight"].shape[0]
         shape = g.op("Shape", [x])
-        grouped = g.op("Reshape", [x, g.const([0, 32, -1], np.int64)])
+        grouped = g.op("Reshape", [x, g.const([0, groups, -1], np.int64)])
         normed = g.op(
             "InstanceNormalization",
-            [grouped, g.const(np.ones(32)), g.const(np.zeros(32))],
-            epsilon=1e-6,
+            [grouped, g.const(np.ones(groups)), g.const(np.zeros(groups))],
+            epsilon=VQGAN_NORM_EPS,
         )
         y = g.op("Reshape", [normed, shape])
         gamma = g.weight(name + ".weight", self.w[name + ".weight"].reshape(C, 1, 1))

@@ -47,11 +47,11 @@ from facert.runtime.config import LMConfig, ModelConfig
 from .onnx_graphs import (
     FLOAT,
     INT64,
-    LN_EPS,
     MASK_VALUE,
     Graph,
     _LMWeights,
     _window,
+    layer_norm_epsilon,
     prompt_inputs,
     vqgan_decoder_graph,
     vqgan_encoder_graph,
@@ -104,12 +104,12 @@ def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def _layer_norm(g: Graph, W: _Weights, x: str, prefix: str) -> str:
+def _layer_norm(g: Graph, W: _Weights, x: str, prefix: str, eps: float) -> str:
     return g.op(
         "LayerNormalization",
         [x, W.get(prefix + "ln_weight"), W.get(prefix + "bias")],
         axis=-1,
-        epsilon=LN_EPS,
+        epsilon=eps,
     )
 
 
@@ -130,11 +130,12 @@ def _transformer(g: Graph, W: _Weights, x: str, attention, cfg: LMConfig) -> str
     """Pre-LN blocks; `attention(i, q, k, v)` takes (B, H, T, D) heads and returns (B, H, T, D).
     Returns ln_f(x), (B, T, C)."""
     H, D, C = cfg.n_head, cfg.head_dim, cfg.n_embd
+    eps = layer_norm_epsilon(cfg)
     to_heads = g.const([0, 0, H, D], np.int64)
     merge = g.const([0, 0, C], np.int64)
     for i in range(cfg.n_layer):
         p = f"blocks.{i}."
-        a = _layer_norm(g, W, x, p + "ln_1.")
+        a = _layer_norm(g, W, x, p + "ln_1.", eps)
         qkv = _linear(g, W, a, p + "attn.qkv.weight", p + "attn.qkv.bias")  # (B, T, 3C)
         q, k, v = (
             g.op("Transpose", [g.op("Reshape", [t, to_heads])], perm=[0, 2, 1, 3])
@@ -143,10 +144,10 @@ def _transformer(g: Graph, W: _Weights, x: str, attention, cfg: LMConfig) -> str
         y = attention(i, q, k, v)  # (B, H, T, D)
         y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), merge])  # (B, T, C)
         h = g.op("Add", [x, _linear(g, W, y, p + "attn.proj.weight", p + "attn.proj.bias")])
-        m = _layer_norm(g, W, h, p + "ln_2.")
+        m = _layer_norm(g, W, h, p + "ln_2.", eps)
         f = _gelu_fast(g, _linear(g, W, m, p + "mlp.fc.weight", p + "mlp.fc.bias"))
         x = g.op("Add", [h, _linear(g, W, f, p + "mlp.proj.weight", p + "mlp.proj.bias")])
-    return _layer_norm(g, W, x, "ln_f.")
+    return _layer_norm(g, W, x, "ln_f.", eps)
 
 
 def _attend(g: Graph, q: str, k: str, v: str, bias: str) -> str:

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facert.runtime.config import VQGANConfig
+from facert.runtime.config import VQGAN_NORM_EPS, VQGAN_NORM_GROUPS, VQGANConfig
 
 
 def normalize(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=ch, eps=1e-6, affine=True)
+    return nn.GroupNorm(VQGAN_NORM_GROUPS, ch, eps=VQGAN_NORM_EPS, affine=True)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:

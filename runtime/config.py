@@ -64,6 +64,11 @@ class LMConfig:
         return self.vocab_size - self.text_vocab_size
 
 
+# taming's Normalize: GroupNorm over 32 groups with eps 1e-6, fixed in its code (not its config)
+VQGAN_NORM_GROUPS = 32
+VQGAN_NORM_EPS = 1e-6
+
+
 @dataclass(frozen=True)
 class VQGANConfig:
     """taming VQModel shape (ddconfig + embed_dim + n_embed)."""

@@ -9,11 +9,13 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 import facert
 from facert.export.onnx_export import export_engine, read_manifest, staleness
+from facert.export.onnx_graphs import layer_norm_epsilon
 from facert.runtime.errors import FacertError
 from facert.runtime.images import to_uint8
 from facert.runtime.sequence import SamplingParams
@@ -103,6 +105,24 @@ def test_fused_graph_structure(tiny_model_dir):
         "capacity",
         m.config.lm.head_dim,
     ]
+
+
+def test_layer_norms_take_the_models_eps(tiny_model_dir):
+    """The graphs' LayerNorms use the config's eps, placed on the variance so that a row of
+    equal values normalizes as TencentPretrain's LayerNorm (eps on the std) does; rows that
+    vary differ by the eps' place only."""
+    m = _ort(tiny_model_dir, "fp32")
+    cfg = m.config.lm
+    graph = onnx.load(m.backend.engine_dir / "lm_prefill.onnx", load_external_data=False).graph
+    eps = {a.f for node in graph.node if node.op_type.endswith("LayerNormalization")
+           for a in node.attribute if a.name == "epsilon"}  # fmt: skip
+    assert eps == {np.float32(layer_norm_epsilon(cfg))}
+    n, rng = cfg.n_embd, np.random.default_rng(0)
+    for spread in (1e-3 * cfg.layernorm_eps, 1.0):  # nearly equal values, and a typical row
+        x = 5.0 + spread * rng.standard_normal(n)
+        tencent = (x - x.mean()) / (x.std(ddof=1) + cfg.layernorm_eps)
+        standard = (x - x.mean()) / np.sqrt(x.var() + layer_norm_epsilon(cfg))
+        np.testing.assert_allclose(standard * np.sqrt((n - 1) / n), tencent, rtol=2e-3)
 
 
 def test_shared_weights_file_stores_layers_once(tiny_model_dir, tmp_path):
