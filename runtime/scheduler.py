@@ -93,22 +93,19 @@ class BusySpans:
 
     def add(self, start: float, end: float) -> None:
         with self._lock:
-            if self._spans and start <= self._spans[-1][1] + self.gap:  # continues the last span
-                start = min(start, self._spans[-1][0])
-                end = max(end, self._spans.pop()[1])
-            self._spans.append((start, end))
-            while self._spans[0][1] < end - self.keep:
-                self._spans.popleft()
+            self._append(start, end)
 
     def begin(self, now: float) -> None:
-        self._open = now
+        with self._lock:
+            self._open = now
 
     def end(self, now: float) -> float:
         """Close the open span; returns its seconds."""
-        start, self._open = self._open, None
-        if start is None:
-            return 0.0
-        self.add(start, now)
+        with self._lock:
+            start, self._open = self._open, None
+            if start is None:
+                return 0.0
+            self._append(start, now)
         return now - start
 
     def overlap(self, start: float, end: float) -> float:
@@ -118,6 +115,15 @@ class BusySpans:
             if self._open is not None:
                 spans.append((self._open, end))
         return sum(max(0.0, min(end, b) - max(start, a)) for a, b in spans)
+
+    def _append(self, start: float, end: float) -> None:
+        """Under the lock: one more span, merged with the last if it continues it."""
+        if self._spans and start <= self._spans[-1][1] + self.gap:
+            start = min(start, self._spans[-1][0])
+            end = max(end, self._spans.pop()[1])
+        self._spans.append((start, end))
+        while self._spans[0][1] < end - self.keep:
+            self._spans.popleft()
 
 
 @dataclass

@@ -144,20 +144,24 @@ def test_queue_order_is_priority_then_deadline_then_arrival():
     assert s.queue == [background] and pool.num_free == 1
 
 
+def _call(cost: StepCost, now: list[float], kind: str, seconds: float, rows: int = 1,
+          tokens: int | None = None, text_rows: int = 0) -> None:  # fmt: skip
+    """One engine or finisher call of `seconds` (of `rows`, and `tokens`, default one a row),
+    ending as the fake clock `now` moves on by them."""
+    now[0] += seconds
+    tokens = rows if tokens is None else tokens
+    cost.observe(StepEvent(kind, rows, tokens, seconds, text_rows))
+
+
 def test_admission_prices_a_request_from_the_steps_it_saw():
     now = [0.0]
     s = Scheduler(PrefixCache(SlotPool(4, 16), 0))
     s.cost.clock = lambda: now[0]
-
-    def call(kind: str, seconds: float, **counts) -> None:  # one engine or finisher call
-        now[0] += seconds
-        s.cost.observe(StepEvent(kind, seconds=seconds, **counts))
-
-    call("decode", 0.1, rows=1, tokens=1, text_rows=1)
-    call("prefill", 0.1, rows=1, tokens=2)
+    _call(s.cost, now, "decode", 0.1, text_rows=1)
+    _call(s.cost, now, "prefill", 0.1, tokens=2)
     now[0] += 1.0
     s.cost.finisher_started()  # a result: two faces drawn while the engine idles
-    call("draw", 0.6, rows=2, tokens=0)
+    _call(s.cost, now, "draw", 0.6, rows=2, tokens=0)
     s.cost.finisher_stopped()
 
     def request(deadline):  # an analysis, whose result redraws the face for its reading
@@ -295,26 +299,21 @@ def test_a_call_that_shared_the_cores_is_priced_at_its_time_alone():
     the cores itself) does not count the sharing twice."""
     now = [0.0]
     cost = StepCost(clock=lambda: now[0])
-
-    def call(kind: str, seconds: float, rows: int = 1) -> None:
-        now[0] += seconds
-        cost.observe(StepEvent(kind, rows=rows, tokens=rows, seconds=seconds))
-
     cost.finisher_started()
     for _ in range(10):  # 2 s of steps, all beside the finisher
-        call("decode", 0.2)
+        _call(cost, now, "decode", 0.2)
     cost.finisher_stopped()
     assert cost.decode_seconds(1, 0) == pytest.approx(0.1)
-    call("decode", 0.1)  # alone
+    _call(cost, now, "decode", 0.1)  # alone
     assert cost.decode_seconds(1, 0) == pytest.approx(0.1)
     start = now[0]
     for _ in range(10):  # 1 s of steps...
-        call("decode", 0.1)
+        _call(cost, now, "decode", 0.1)
     now[0] = start
-    call("draw", 1.6, rows=2)  # ...beside a 1.6 s drawing of two faces: 1.1 s alone
+    _call(cost, now, "draw", 1.6, rows=2)  # ...beside a 1.6 s drawing of two faces: 1.1 s alone
     assert cost.draw_per_image == pytest.approx(1.1 / 2)
     now[0] += 60
-    call("draw", 1.2, rows=2)  # alone
+    _call(cost, now, "draw", 1.2, rows=2)  # alone
     assert cost.draw_per_image == pytest.approx((1.1 + 1.2) / 4)
     started = _drawing(1, draws=3)
     assert cost.finish_estimate(started) == pytest.approx(3 * cost.draw_per_image)

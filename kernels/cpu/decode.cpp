@@ -911,6 +911,13 @@ inline const float* as_floats(const kv_half* x, int64_t n, float* buf) {
   return buf;
 }
 
+// fn(keys, values) over the caller's KV cache, typed float32 or half as the C API says.
+template <typename Fn>
+int with_cache(void* k_cache, void* v_cache, int32_t half, Fn fn) {
+  if (half) return fn(static_cast<kv_half*>(k_cache), static_cast<kv_half*>(v_cache));
+  return fn(static_cast<float*>(k_cache), static_cast<float*>(v_cache));
+}
+
 // One query against T cached positions of one head: softmax(q K^T / sqrt(D)) V -> out (D,).
 // The code path depends on the CPU and D only, never on the batch. AVX-512 reads a half cache
 // in the registers that use its values; elsewhere a half cache is widened a block of positions
@@ -1117,11 +1124,10 @@ FACERT_API int facert_decode_step(const facert_lm* m, void* k_cache, void* v_cac
                                   const int64_t* tokens, const int64_t* positions,
                                   const int64_t* slots, float* hidden, int32_t threads,
                                   int32_t kv_half_cache) {
-  if (kv_half_cache)
-    return decode_step(m, static_cast<kv_half*>(k_cache), static_cast<kv_half*>(v_cache),
-                       num_slots, capacity, batch, tokens, positions, slots, hidden, threads);
-  return decode_step(m, static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_slots,
-                     capacity, batch, tokens, positions, slots, hidden, threads);
+  return with_cache(k_cache, v_cache, kv_half_cache, [&](auto* k, auto* v) {
+    return decode_step(m, k, v, num_slots, capacity, batch, tokens, positions, slots, hidden,
+                       threads);
+  });
 }
 
 // The head's rows [lo, hi) for `batch` final hidden states (batch, n_embd): logits (batch,
@@ -1227,11 +1233,10 @@ FACERT_API int facert_prefill(const facert_lm* m, void* k_cache, void* v_cache,
                               const int64_t* lengths, const int64_t* ids, const int64_t* segs,
                               const int64_t* slots, float* hidden, int32_t threads,
                               int32_t kv_half_cache) {
-  if (kv_half_cache)
-    return prefill(m, static_cast<kv_half*>(k_cache), static_cast<kv_half*>(v_cache), num_slots,
-                   capacity, batch, lengths, ids, segs, slots, hidden, threads);
-  return prefill(m, static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_slots,
-                 capacity, batch, lengths, ids, segs, slots, hidden, threads);
+  return with_cache(k_cache, v_cache, kv_half_cache, [&](auto* k, auto* v) {
+    return prefill(m, k, v, num_slots, capacity, batch, lengths, ids, segs, slots, hidden,
+                   threads);
+  });
 }
 
 // ---- packing weights at load time ----
